@@ -1,0 +1,115 @@
+// Package bus carries virtbus commands over NATS: it connects, owns the
+// JetStream stream and this host's consumer, decodes commands, runs them
+// through a bounded FIFO and publishes one completion per command before
+// acking it. It knows nothing of libvirt: the worker hands it a Handler.
+package bus
+
+import (
+	"encoding/json"
+	"fmt"
+	"strings"
+	"time"
+)
+
+// Subject prefixes and headers of the wire contract (DESIGN.md, "Subjects").
+const (
+	CommandPrefix = "virtbus.cmd"
+	EventPrefix   = "virtbus.evt"
+
+	// HeaderMsgID is the command id; JetStream drops a duplicate inside the
+	// stream's duplicate window.
+	HeaderMsgID = "Nats-Msg-Id"
+	// HeaderReply names a subject for the completion, for JetStream
+	// publishers that cannot use the message's own reply subject.
+	HeaderReply = "Virtbus-Reply"
+)
+
+// Status of a completion.
+const (
+	StatusOK    = "ok"
+	StatusError = "error"
+)
+
+// Error codes of a failed completion (DESIGN.md, "Completion").
+const (
+	CodeInvalid     = "invalid"
+	CodeNotFound    = "not_found"
+	CodeForbidden   = "forbidden"
+	CodeConflict    = "conflict"
+	CodeTimeout     = "timeout"
+	CodeLibvirt     = "libvirt"
+	CodeUnavailable = "unavailable"
+)
+
+// CommandSubject is the subject a command for vm on host is published to.
+func CommandSubject(host, vm, action string) string {
+	return CommandPrefix + "." + host + "." + vm + "." + action
+}
+
+// EventSubject is the subject the worker publishes a completion to.
+func EventSubject(host, vm, action string) string {
+	return EventPrefix + "." + host + "." + vm + "." + action
+}
+
+// ValidToken reports whether s can stand as one subject token: not empty,
+// no dots, no white space, no wildcards.
+func ValidToken(s string) bool {
+	return s != "" && !strings.ContainsAny(s, ". \t\r\n*>")
+}
+
+// ParseCommandSubject splits virtbus.cmd.<host>.<vm>.<action>.
+func ParseCommandSubject(subject string) (host, vm, action string, err error) {
+	parts := strings.Split(subject, ".")
+	if len(parts) != 5 || parts[0]+"."+parts[1] != CommandPrefix {
+		return "", "", "", fmt.Errorf("subject %q is not %s.<host>.<vm>.<action>", subject, CommandPrefix)
+	}
+	return parts[2], parts[3], parts[4], nil
+}
+
+// Command is one decoded command as the handler sees it.
+type Command struct {
+	ID     string          // Nats-Msg-Id, or the stream sequence when the publisher set none
+	Host   string          // from the subject
+	VM     string          // domain name or UUID, from the subject
+	Action string          // from the subject; the handler decides whether it knows it
+	Params json.RawMessage // the body: a JSON object, never nil (an empty body is "{}")
+	Reply  string          // where the completion goes besides the event subject; may be empty
+
+	Attempt    int       // delivery count, 1 on the first delivery
+	ReceivedAt time.Time // when this worker took the message off NATS
+}
+
+// Outcome is what a handler reports for one command.
+type Outcome struct {
+	Changed bool
+	State   string
+	Detail  map[string]any
+	Err     *Error // nil on success
+}
+
+// Error is the error object of a failed completion.
+type Error struct {
+	Code    string `json:"code"`
+	Message string `json:"message"`
+}
+
+func (e *Error) Error() string { return e.Code + ": " + e.Message }
+
+// Completion is the message published once per command, to the event
+// subject and to the command's reply subject.
+type Completion struct {
+	ID         string         `json:"id"`
+	Host       string         `json:"host"`
+	VM         string         `json:"vm"`
+	Action     string         `json:"action"`
+	Status     string         `json:"status"`
+	Changed    bool           `json:"changed"`
+	State      string         `json:"state,omitempty"`
+	Detail     map[string]any `json:"detail,omitempty"`
+	Error      *Error         `json:"error,omitempty"`
+	Attempt    int            `json:"attempt"`
+	ReceivedAt time.Time      `json:"received_at"`
+	StartedAt  time.Time      `json:"started_at"`
+	FinishedAt time.Time      `json:"finished_at"`
+	DurationMS float64        `json:"duration_ms"`
+}
