@@ -1,0 +1,368 @@
+package vm
+
+import (
+	"context"
+	"fmt"
+	"path/filepath"
+	"time"
+
+	"github.com/digitalocean/go-libvirt"
+	"libvirt.org/go/libvirtxml"
+)
+
+// attach hot-plugs a disk image into the live domain and, when persistent,
+// into its config. The same source already attached is ok and unchanged.
+func (e *Executor) attach(ctx context.Context, vm string, p AttachParams) (Result, error) {
+	src, err := e.cfg.Roots.Resolve(p.Path)
+	if err != nil {
+		return Result{}, err
+	}
+	dom, err := e.lookup(ctx, vm)
+	if err != nil {
+		return Result{}, err
+	}
+	st, err := e.state(ctx, dom)
+	if err != nil {
+		return Result{}, err
+	}
+	live := st != libvirt.DomainShutoff
+	persistent := *p.Persistent
+	if !live && !persistent {
+		return Result{}, fmt.Errorf("%w: domain %s is shut off: a non-persistent attach needs a running domain", ErrConflict, vm)
+	}
+	// The live definition when the domain runs, else the config: the one
+	// the attach must show up in.
+	cur, err := e.domainXML(ctx, dom, 0)
+	if err != nil {
+		return Result{}, err
+	}
+	if d, ok := findDisk(cur, "", src); ok {
+		return Result{State: StateName(st), Detail: map[string]any{"target": diskTarget(d), "bus": diskBus(d)}}, nil
+	}
+	used := usedTargets(cur)
+	if live && persistent {
+		cfg, err := e.domainXML(ctx, dom, libvirt.DomainXMLInactive)
+		if err != nil {
+			return Result{}, err
+		}
+		for t := range usedTargets(cfg) {
+			used[t] = true
+		}
+	}
+	target := p.Target
+	if target == "" {
+		if target = nextFreeTarget(targetPrefix(p.Bus), used); target == "" {
+			return Result{}, fmt.Errorf("%w: no free %s… target left on %s", ErrConflict, targetPrefix(p.Bus), vm)
+		}
+	} else if used[target] {
+		return Result{}, fmt.Errorf("%w: target %s is already used by another disk on %s", ErrConflict, target, vm)
+	}
+
+	disk := libvirtxml.DomainDisk{
+		Device: "disk",
+		Driver: &libvirtxml.DomainDiskDriver{Name: "qemu", Type: p.Format},
+		Source: &libvirtxml.DomainDiskSource{File: &libvirtxml.DomainDiskSourceFile{File: src}},
+		Target: &libvirtxml.DomainDiskTarget{Dev: target, Bus: p.Bus},
+	}
+	if p.ReadOnly {
+		disk.ReadOnly = &libvirtxml.DomainDiskReadOnly{}
+	}
+	doc, err := disk.Marshal()
+	if err != nil {
+		return Result{}, fmt.Errorf("%w: build disk XML: %v", ErrInvalid, err)
+	}
+	flags := deviceFlags(live, persistent)
+	err = e.conn.call(ctx, fmt.Sprintf("attach disk %s to %s", src, vm), func(l *libvirt.Libvirt) error {
+		return l.DomainAttachDeviceFlags(dom, doc, flags)
+	})
+	if err != nil {
+		// A retried call may have attached it on its first try.
+		if after, xerr := e.domainXML(ctx, dom, 0); xerr != nil || !hasDisk(after, target, src) {
+			return Result{}, err
+		}
+	}
+	after, err := e.domainXML(ctx, dom, 0)
+	if err != nil {
+		return Result{}, err
+	}
+	if !hasDisk(after, target, src) {
+		return Result{}, fmt.Errorf("%w: attach disk %s to %s: libvirt said yes but %s is not in the domain", ErrLibvirt, src, vm, target)
+	}
+	return Result{Changed: true, State: StateName(st), Detail: map[string]any{"target": target, "bus": p.Bus}}, nil
+}
+
+// detach unplugs a disk, found by target or source path. It is ok only once
+// the disk is gone from the live domain XML: a guest may ignore the unplug
+// request (virtio without a driver does) while libvirt still reports
+// success, so it waits for the device-removed event, asks again a bounded
+// number of times, and fails with ErrTimeout when the disk is still there.
+func (e *Executor) detach(ctx context.Context, vm string, p DetachParams) (Result, error) {
+	dom, err := e.lookup(ctx, vm)
+	if err != nil {
+		return Result{}, err
+	}
+	st, err := e.state(ctx, dom)
+	if err != nil {
+		return Result{}, err
+	}
+	live := st != libvirt.DomainShutoff
+	persistent := *p.Persistent
+	path := p.Path
+	if path != "" {
+		if real, err := filepath.EvalSymlinks(path); err == nil {
+			path = real
+		}
+	}
+
+	var liveDisk, cfgDisk libvirtxml.DomainDisk
+	var inLive, inCfg bool
+	if live {
+		def, err := e.domainXML(ctx, dom, 0)
+		if err != nil {
+			return Result{}, err
+		}
+		liveDisk, inLive = findDisk(def, p.Target, path)
+	}
+	if persistent || !live {
+		def, err := e.domainXML(ctx, dom, libvirt.DomainXMLInactive)
+		if err != nil {
+			return Result{}, err
+		}
+		cfgDisk, inCfg = findDisk(def, p.Target, path)
+	}
+	if !inLive && !inCfg {
+		return Result{State: StateName(st)}, nil
+	}
+	if !inLive {
+		// Shut off, or only in the config: nothing to unplug.
+		if !persistent {
+			return Result{}, fmt.Errorf("%w: disk is only in the config of %s and persistent=false", ErrConflict, vm)
+		}
+		if err := e.detachConfig(ctx, dom, cfgDisk); err != nil {
+			return Result{}, err
+		}
+		return Result{Changed: true, State: StateName(st), Detail: map[string]any{"target": diskTarget(cfgDisk)}}, nil
+	}
+	if err := e.unplug(ctx, dom, liveDisk, persistent && inCfg, time.Duration(p.Timeout)); err != nil {
+		return Result{}, err
+	}
+	if persistent && inCfg {
+		// The config part of a LIVE|CONFIG detach happens with the live
+		// request; make sure of it.
+		def, err := e.domainXML(ctx, dom, libvirt.DomainXMLInactive)
+		if err != nil {
+			return Result{}, err
+		}
+		if d, still := findDisk(def, diskTarget(cfgDisk), ""); still {
+			if err := e.detachConfig(ctx, dom, d); err != nil {
+				return Result{}, err
+			}
+		}
+	}
+	st, err = e.state(ctx, dom)
+	if err != nil {
+		return Result{}, err
+	}
+	return Result{Changed: true, State: StateName(st), Detail: map[string]any{"target": diskTarget(liveDisk)}}, nil
+}
+
+func (e *Executor) detachConfig(ctx context.Context, dom libvirt.Domain, d libvirtxml.DomainDisk) error {
+	doc, err := d.Marshal()
+	if err != nil {
+		return fmt.Errorf("%w: build disk XML: %v", ErrInvalid, err)
+	}
+	err = e.conn.call(ctx, fmt.Sprintf("detach disk %s from the config of %s", diskTarget(d), dom.Name), func(l *libvirt.Libvirt) error {
+		return l.DomainDetachDeviceFlags(dom, doc, uint32(libvirt.DomainDeviceModifyConfig))
+	})
+	if err != nil {
+		return err
+	}
+	def, err := e.domainXML(ctx, dom, libvirt.DomainXMLInactive)
+	if err != nil {
+		return err
+	}
+	if _, still := findDisk(def, diskTarget(d), ""); still {
+		return fmt.Errorf("%w: detach %s from the config of %s: still there", ErrLibvirt, diskTarget(d), dom.Name)
+	}
+	return nil
+}
+
+// unplugAsks bounds how often the unplug request is sent: a guest that
+// ignored it three times will not change its mind.
+const unplugAsks = 3
+
+// unplug removes d from the live domain and waits until it is gone.
+func (e *Executor) unplug(ctx context.Context, dom libvirt.Domain, d libvirtxml.DomainDisk, config bool, timeout time.Duration) error {
+	target := diskTarget(d)
+	alias := ""
+	if d.Alias != nil {
+		alias = d.Alias.Name
+	}
+	doc, err := d.Marshal()
+	if err != nil {
+		return fmt.Errorf("%w: build disk XML: %v", ErrInvalid, err)
+	}
+	flags := deviceFlags(true, config)
+	deadline := time.Now().Add(timeout)
+	reask := timeout / unplugAsks
+
+	for asks := 0; ; {
+		events, err := e.subscribeRemoval(ctx, dom)
+		if err != nil {
+			return err
+		}
+		if asks < unplugAsks {
+			asks++
+			err = e.conn.call(ctx, fmt.Sprintf("detach disk %s from %s", target, dom.Name), func(l *libvirt.Libvirt) error {
+				return l.DomainDetachDeviceFlags(dom, doc, flags)
+			})
+			// A repeated request while QEMU still waits on the guest is
+			// refused ("already in the process of unplug"); that is fine.
+			if err != nil && asks == 1 && Code(err) != "unavailable" {
+				events.close()
+				if gone, _ := e.diskGone(ctx, dom, target); gone {
+					return nil
+				}
+				return err
+			}
+		}
+		wait := min(reask, time.Until(deadline))
+		if asks >= unplugAsks {
+			wait = time.Until(deadline)
+		}
+		outcome := events.wait(ctx, alias, wait)
+		events.close()
+		switch outcome {
+		case removalFailed:
+			return fmt.Errorf("%w: detach disk %s from %s: the guest refused the unplug (device-removal-failed)", ErrConflict, target, dom.Name)
+		case ctxDone:
+			return fmt.Errorf("detach disk %s from %s: %w: %v", target, dom.Name, ErrUnavailable, context.Cause(ctx))
+		}
+		gone, err := e.diskGone(ctx, dom, target)
+		if err != nil {
+			return err
+		}
+		if gone {
+			return nil
+		}
+		if time.Until(deadline) <= 0 {
+			return fmt.Errorf("%w: detach disk %s from %s: still in the live domain after %s (the guest did not release it)", ErrTimeout, target, dom.Name, timeout)
+		}
+	}
+}
+
+func (e *Executor) diskGone(ctx context.Context, dom libvirt.Domain, target string) (bool, error) {
+	def, err := e.domainXML(ctx, dom, 0)
+	if err != nil {
+		return false, err
+	}
+	_, still := findDisk(def, target, "")
+	return !still, nil
+}
+
+// deviceFlags says where a device change applies.
+func deviceFlags(live, config bool) uint32 {
+	var f libvirt.DomainDeviceModifyFlags
+	if live {
+		f |= libvirt.DomainDeviceModifyLive
+	}
+	if config {
+		f |= libvirt.DomainDeviceModifyConfig
+	}
+	return uint32(f)
+}
+
+// domainXML reads and parses the domain definition: live (flags 0) or the
+// config (DomainXMLInactive).
+func (e *Executor) domainXML(ctx context.Context, dom libvirt.Domain, flags libvirt.DomainXMLFlags) (*libvirtxml.Domain, error) {
+	var doc string
+	err := e.conn.call(ctx, "get XML of "+dom.Name, func(l *libvirt.Libvirt) (err error) {
+		doc, err = l.DomainGetXMLDesc(dom, flags)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	var def libvirtxml.Domain
+	if err := def.Unmarshal(doc); err != nil {
+		return nil, fmt.Errorf("%w: parse XML of %s: %v", ErrLibvirt, dom.Name, err)
+	}
+	return &def, nil
+}
+
+// findDisk finds a disk by target (when given) or by source file.
+func findDisk(def *libvirtxml.Domain, target, src string) (libvirtxml.DomainDisk, bool) {
+	if def == nil || def.Devices == nil {
+		return libvirtxml.DomainDisk{}, false
+	}
+	for _, d := range def.Devices.Disks {
+		if target != "" && diskTarget(d) == target {
+			return d, true
+		}
+		if target == "" && src != "" && sameFile(diskSource(d), src) {
+			return d, true
+		}
+	}
+	return libvirtxml.DomainDisk{}, false
+}
+
+func hasDisk(def *libvirtxml.Domain, target, src string) bool {
+	d, ok := findDisk(def, target, "")
+	return ok && sameFile(diskSource(d), src)
+}
+
+func sameFile(a, b string) bool {
+	if a == "" || b == "" {
+		return false
+	}
+	if filepath.Clean(a) == filepath.Clean(b) {
+		return true
+	}
+	ra, err := filepath.EvalSymlinks(a)
+	return err == nil && ra == b
+}
+
+func usedTargets(def *libvirtxml.Domain) map[string]bool {
+	used := map[string]bool{}
+	if def != nil && def.Devices != nil {
+		for _, d := range def.Devices.Disks {
+			used[diskTarget(d)] = true
+		}
+	}
+	return used
+}
+
+// nextFreeTarget returns the first of prefix+a … prefix+z not in used.
+func nextFreeTarget(prefix string, used map[string]bool) string {
+	for c := 'a'; c <= 'z'; c++ {
+		if t := prefix + string(c); !used[t] {
+			return t
+		}
+	}
+	return ""
+}
+
+func diskTarget(d libvirtxml.DomainDisk) string {
+	if d.Target == nil {
+		return ""
+	}
+	return d.Target.Dev
+}
+
+func diskBus(d libvirtxml.DomainDisk) string {
+	if d.Target == nil {
+		return ""
+	}
+	return d.Target.Bus
+}
+
+func diskSource(d libvirtxml.DomainDisk) string {
+	if d.Source == nil || d.Source.File == nil {
+		return ""
+	}
+	return d.Source.File.File
+}
+
+func uuidString(u libvirt.UUID) string {
+	return fmt.Sprintf("%x-%x-%x-%x-%x", u[0:4], u[4:6], u[6:8], u[8:10], u[10:16])
+}

@@ -1,0 +1,83 @@
+package vm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/digitalocean/go-libvirt"
+)
+
+// Sentinel errors callers branch on. Each maps to one completion error code
+// (Code); wrap them with fmt.Errorf("...: %w", ErrX) to add context.
+var (
+	ErrInvalid     = errors.New("invalid")
+	ErrNotFound    = errors.New("not found")
+	ErrForbidden   = errors.New("forbidden")
+	ErrConflict    = errors.New("conflict")
+	ErrTimeout     = errors.New("timeout")
+	ErrLibvirt     = errors.New("libvirt error")
+	ErrUnavailable = errors.New("libvirt unavailable")
+)
+
+// Code is the completion error code for err: one of invalid, not_found,
+// forbidden, conflict, timeout, libvirt, unavailable. Errors that carry none
+// of the sentinels count as libvirt errors.
+func Code(err error) string {
+	switch {
+	case err == nil:
+		return ""
+	case errors.Is(err, ErrInvalid):
+		return "invalid"
+	case errors.Is(err, ErrNotFound):
+		return "not_found"
+	case errors.Is(err, ErrForbidden):
+		return "forbidden"
+	case errors.Is(err, ErrConflict):
+		return "conflict"
+	case errors.Is(err, ErrTimeout):
+		return "timeout"
+	case errors.Is(err, ErrUnavailable):
+		return "unavailable"
+	default:
+		return "libvirt"
+	}
+}
+
+// classify turns an error from a go-libvirt call into one that carries a
+// sentinel. libvirt's own error numbers say what went wrong on the daemon's
+// side; anything that is not a libvirt.Error came from the transport, which
+// means the daemon is out of reach.
+func classify(err error) error {
+	if err == nil {
+		return nil
+	}
+	for _, s := range []error{ErrInvalid, ErrNotFound, ErrForbidden, ErrConflict, ErrTimeout, ErrLibvirt, ErrUnavailable} {
+		if errors.Is(err, s) {
+			return err
+		}
+	}
+	if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) {
+		return fmt.Errorf("%w: %v", ErrUnavailable, err)
+	}
+	var lerr libvirt.Error
+	if !errors.As(err, &lerr) {
+		return fmt.Errorf("%w: %v", ErrUnavailable, err)
+	}
+	switch libvirt.ErrorNumber(lerr.Code) {
+	case libvirt.ErrNoDomain:
+		return fmt.Errorf("%w: %v", ErrNotFound, err)
+	case libvirt.ErrOperationInvalid:
+		return fmt.Errorf("%w: %v", ErrConflict, err)
+	case libvirt.ErrInvalidArg, libvirt.ErrXMLError, libvirt.ErrConfigUnsupported:
+		return fmt.Errorf("%w: %v", ErrInvalid, err)
+	case libvirt.ErrAccessDenied, libvirt.ErrAuthFailed:
+		return fmt.Errorf("%w: %v", ErrForbidden, err)
+	case libvirt.ErrOperationTimeout:
+		return fmt.Errorf("%w: %v", ErrTimeout, err)
+	case libvirt.ErrNoConnect, libvirt.ErrRPC:
+		return fmt.Errorf("%w: %v", ErrUnavailable, err)
+	default:
+		return fmt.Errorf("%w: %v", ErrLibvirt, err)
+	}
+}

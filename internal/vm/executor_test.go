@@ -1,0 +1,494 @@
+package vm_test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/digitalocean/go-libvirt"
+	"github.com/virtbus/virtbus/internal/testbed"
+	"github.com/virtbus/virtbus/internal/vm"
+)
+
+// harness is an executor on a connection of its own, plus a plain go-libvirt
+// connection the test uses to set things up and to check what libvirt says.
+type harness struct {
+	ex *vm.Executor
+	l  *libvirt.Libvirt
+}
+
+func newHarness(t *testing.T) harness {
+	t.Helper()
+	l := testbed.Require(t)
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	conn := vm.NewConn(testbed.Socket(), "qemu:///system", 15*time.Second, log)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { conn.Run(ctx); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
+	roots, err := vm.NewDiskRoots([]string{testbed.ImageRoot()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ex := vm.NewExecutor(conn, vm.Config{Roots: roots, ShutdownRetry: 500 * time.Millisecond}, log)
+	return harness{ex: ex, l: l}
+}
+
+func (h harness) do(t *testing.T, vmName string, a vm.Action, params string) (vm.Result, error) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	return h.ex.Do(ctx, vmName, a, json.RawMessage(params))
+}
+
+// ok runs an action that must succeed and checks changed and state.
+func (h harness) ok(t *testing.T, dom libvirt.Domain, a vm.Action, params string, changed bool, state string) vm.Result {
+	t.Helper()
+	res, err := h.do(t, dom.Name, a, params)
+	if err != nil {
+		t.Fatalf("%s %s %s: %v", a, dom.Name, params, err)
+	}
+	if res.Changed != changed || res.State != state {
+		t.Fatalf("%s %s %s = changed %v state %q, want changed %v state %q (detail %v)", a, dom.Name, params, res.Changed, res.State, changed, state, res.Detail)
+	}
+	return res
+}
+
+func (h harness) fails(t *testing.T, vmName string, a vm.Action, params, code string) error {
+	t.Helper()
+	_, err := h.do(t, vmName, a, params)
+	if got := vm.Code(err); got != code {
+		t.Fatalf("%s %s %s: error %v (code %q), want code %q", a, vmName, params, err, got, code)
+	}
+	return err
+}
+
+func wantState(t *testing.T, l *libvirt.Libvirt, dom libvirt.Domain, want libvirt.DomainState) {
+	t.Helper()
+	if got := testbed.State(t, l, dom); got != want {
+		t.Fatalf("libvirt says %s is %s, want %s", dom.Name, vm.StateName(got), vm.StateName(want))
+	}
+}
+
+// resets counts libvirt's reboot events of dom from now on, to prove a
+// reset really ran (or did not). One reset may raise more than one event.
+func resets(t *testing.T, l *libvirt.Libvirt, dom libvirt.Domain) func() int {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	ch, err := l.SubscribeEvents(ctx, libvirt.DomainEventIDReboot, libvirt.OptDomain{dom})
+	if err != nil {
+		t.Fatalf("subscribe to reboot events: %v", err)
+	}
+	n := make(chan int)
+	go func() {
+		count := 0
+		for ev := range ch {
+			if m, ok := ev.(*libvirt.DomainEventCallbackRebootMsg); ok && m.Msg.Dom.UUID == dom.UUID {
+				count++
+			}
+		}
+		n <- count
+	}()
+	return func() int {
+		// The event arrives shortly after the reset returns.
+		time.Sleep(300 * time.Millisecond)
+		cancel()
+		return <-n
+	}
+}
+
+func TestStart(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t)
+	dom := testbed.Domain(t, h.l, "start", testbed.DomainOptions{})
+	h.ok(t, dom, vm.Start, ``, true, "running")
+	wantState(t, h.l, dom, libvirt.DomainRunning)
+	h.ok(t, dom, vm.Start, `{}`, false, "running")
+	wantState(t, h.l, dom, libvirt.DomainRunning)
+}
+
+func TestStartResumesPaused(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t)
+	dom := testbed.Domain(t, h.l, "resume", testbed.DomainOptions{Running: true})
+	if err := h.l.DomainSuspend(dom); err != nil {
+		t.Fatal(err)
+	}
+	res := h.ok(t, dom, vm.Start, ``, true, "running")
+	if res.Detail["resumed"] != true {
+		t.Fatalf("detail %v, want resumed=true", res.Detail)
+	}
+	wantState(t, h.l, dom, libvirt.DomainRunning)
+}
+
+func TestStartByUUID(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t)
+	dom := testbed.Domain(t, h.l, "uuid", testbed.DomainOptions{})
+	res, err := h.do(t, uuidOf(dom), vm.Start, ``)
+	if err != nil || !res.Changed || res.State != "running" {
+		t.Fatalf("start by UUID: %+v, %v", res, err)
+	}
+	wantState(t, h.l, dom, libvirt.DomainRunning)
+}
+
+func TestStopForce(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t)
+	dom := testbed.Domain(t, h.l, "stopforce", testbed.DomainOptions{Running: true})
+	res := h.ok(t, dom, vm.Stop, `{"mode":"force"}`, true, "shutoff")
+	if res.Detail["forced"] != true {
+		t.Fatalf("detail %v, want forced=true", res.Detail)
+	}
+	wantState(t, h.l, dom, libvirt.DomainShutoff)
+	h.ok(t, dom, vm.Stop, `{"mode":"force"}`, false, "shutoff")
+	h.ok(t, dom, vm.Stop, ``, false, "shutoff")
+}
+
+// The test guest ignores ACPI, so a graceful stop must end in the destroy
+// after its timeout, and say so.
+func TestStopGracefulForcedAfterTimeout(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t)
+	dom := testbed.Domain(t, h.l, "stoptimeout", testbed.DomainOptions{Running: true})
+	start := time.Now()
+	res := h.ok(t, dom, vm.Stop, `{"timeout":"1500ms"}`, true, "shutoff")
+	if res.Detail["forced"] != true {
+		t.Fatalf("detail %v, want forced=true", res.Detail)
+	}
+	if waited := time.Since(start); waited < 1500*time.Millisecond {
+		t.Fatalf("destroyed after %s, before the 1.5s timeout", waited)
+	}
+	wantState(t, h.l, dom, libvirt.DomainShutoff)
+}
+
+// A guest that powers off while the stop waits (here: the test pulls the
+// plug, as a guest honouring ACPI would) ends the wait unforced.
+func TestStopGracefulGuestGoesDown(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t)
+	dom := testbed.Domain(t, h.l, "stopdown", testbed.DomainOptions{Running: true})
+	go func() {
+		time.Sleep(time.Second)
+		_ = h.l.DomainDestroy(dom)
+	}()
+	res := h.ok(t, dom, vm.Stop, `{"timeout":"60s"}`, true, "shutoff")
+	if res.Detail["forced"] != false {
+		t.Fatalf("detail %v, want forced=false", res.Detail)
+	}
+	wantState(t, h.l, dom, libvirt.DomainShutoff)
+}
+
+func TestStopPausedIsForcedAtOnce(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t)
+	dom := testbed.Domain(t, h.l, "stoppaused", testbed.DomainOptions{Running: true})
+	if err := h.l.DomainSuspend(dom); err != nil {
+		t.Fatal(err)
+	}
+	res := h.ok(t, dom, vm.Stop, `{"timeout":"10m"}`, true, "shutoff")
+	if res.Detail["forced"] != true || res.Detail["reason"] != "paused" {
+		t.Fatalf("detail %v, want forced=true reason=paused", res.Detail)
+	}
+}
+
+func TestStopTransientDomain(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t)
+	dom := testbed.Domain(t, h.l, "transient", testbed.DomainOptions{Transient: true})
+	h.ok(t, dom, vm.Stop, `{"mode":"force"}`, true, "shutoff")
+	h.fails(t, dom.Name, vm.Status, ``, "not_found")
+}
+
+func TestRebootHard(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t)
+	dom := testbed.Domain(t, h.l, "reboothard", testbed.DomainOptions{Running: true})
+	count := resets(t, h.l, dom)
+	res := h.ok(t, dom, vm.Reboot, `{"mode":"hard"}`, true, "running")
+	if res.Detail["method"] != "reset" {
+		t.Fatalf("detail %v, want method=reset", res.Detail)
+	}
+	if n := count(); n == 0 {
+		t.Fatalf("no guest reset seen: the reset did not run")
+	}
+	wantState(t, h.l, dom, libvirt.DomainRunning)
+}
+
+// The test guest ignores ACPI: a soft reboot must fall back to a reset that
+// really happens, and say so.
+func TestRebootSoftFallsBackToReset(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t)
+	dom := testbed.Domain(t, h.l, "rebootfallback", testbed.DomainOptions{Running: true})
+	count := resets(t, h.l, dom)
+	res := h.ok(t, dom, vm.Reboot, `{"timeout":"1500ms"}`, true, "running")
+	if res.Detail["method"] != "reset" || res.Detail["fallback"] != true {
+		t.Fatalf("detail %v, want method=reset fallback=true", res.Detail)
+	}
+	if n := count(); n == 0 {
+		t.Fatalf("no guest reset seen: the reset did not run")
+	}
+	wantState(t, h.l, dom, libvirt.DomainRunning)
+}
+
+// A guest that goes down during a soft reboot is started again.
+func TestRebootSoftShutdownAndStart(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t)
+	dom := testbed.Domain(t, h.l, "rebootsoft", testbed.DomainOptions{Running: true})
+	count := resets(t, h.l, dom)
+	go func() {
+		time.Sleep(time.Second)
+		_ = h.l.DomainDestroy(dom)
+	}()
+	res := h.ok(t, dom, vm.Reboot, `{"timeout":"60s"}`, true, "running")
+	if res.Detail["method"] != "shutdown" || res.Detail["fallback"] != nil {
+		t.Fatalf("detail %v, want method=shutdown and no fallback", res.Detail)
+	}
+	if n := count(); n != 0 {
+		t.Fatalf("%d guest resets seen, want none: the guest went down by itself", n)
+	}
+	wantState(t, h.l, dom, libvirt.DomainRunning)
+}
+
+func TestRebootConflicts(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t)
+	off := testbed.Domain(t, h.l, "rebootoff", testbed.DomainOptions{})
+	h.fails(t, off.Name, vm.Reboot, ``, "conflict")
+	wantState(t, h.l, off, libvirt.DomainShutoff)
+	transient := testbed.Domain(t, h.l, "reboottransient", testbed.DomainOptions{Transient: true})
+	h.fails(t, transient.Name, vm.Reboot, `{"mode":"soft"}`, "conflict")
+	wantState(t, h.l, transient, libvirt.DomainRunning)
+}
+
+func TestStatus(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t)
+	dom := testbed.Domain(t, h.l, "status", testbed.DomainOptions{})
+	res := h.ok(t, dom, vm.Status, ``, false, "shutoff")
+	if res.Detail["uuid"] != uuidOf(dom) {
+		t.Fatalf("status uuid %v, want %s", res.Detail["uuid"], uuidOf(dom))
+	}
+}
+
+// A virtio-scsi disk hot-unplugs at once: attach, attach again (unchanged),
+// detach, detach again (unchanged), each checked in libvirt's live XML and
+// config.
+func TestAttachDetachSCSI(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t)
+	dom := testbed.Domain(t, h.l, "scsi", testbed.DomainOptions{Running: true})
+	img := testbed.DiskImage(t, 8)
+	params := `{"path":"` + img + `","bus":"scsi"}`
+	res := h.ok(t, dom, vm.AttachDisk, params, true, "running")
+	if res.Detail["target"] != "sda" {
+		t.Fatalf("detail %v, want target sda", res.Detail)
+	}
+	for _, inactive := range []bool{false, true} {
+		if got := testbed.Disks(t, h.l, dom, inactive)["sda"]; got != img {
+			t.Fatalf("sda (inactive=%v) is %q, want %s", inactive, got, img)
+		}
+	}
+	res = h.ok(t, dom, vm.AttachDisk, params, false, "running")
+	if res.Detail["target"] != "sda" {
+		t.Fatalf("second attach detail %v, want target sda", res.Detail)
+	}
+
+	h.ok(t, dom, vm.DetachDisk, `{"target":"sda","timeout":"20s"}`, true, "running")
+	for _, inactive := range []bool{false, true} {
+		if src, still := testbed.Disks(t, h.l, dom, inactive)["sda"]; still {
+			t.Fatalf("sda (inactive=%v) still attached to %s after detach", inactive, src)
+		}
+	}
+	h.ok(t, dom, vm.DetachDisk, `{"target":"sda"}`, false, "running")
+	h.ok(t, dom, vm.DetachDisk, `{"path":"`+img+`"}`, false, "running")
+}
+
+// A virtio disk is never released by a guest without a driver, while
+// libvirt's detach still returns success: the detach must end in timeout,
+// never ok, and the disk must still be there.
+func TestDetachVirtioGuestIgnoresUnplug(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t)
+	dom := testbed.Domain(t, h.l, "virtio", testbed.DomainOptions{Running: true})
+	img := testbed.DiskImage(t, 8)
+	res := h.ok(t, dom, vm.AttachDisk, `{"path":"`+img+`","persistent":false}`, true, "running")
+	target, _ := res.Detail["target"].(string)
+	if target != "vda" {
+		t.Fatalf("detail %v, want target vda", res.Detail)
+	}
+	if _, inConfig := testbed.Disks(t, h.l, dom, true)[target]; inConfig {
+		t.Fatalf("persistent=false attach reached the config")
+	}
+	h.fails(t, dom.Name, vm.DetachDisk, `{"path":"`+img+`","timeout":"3s","persistent":false}`, "timeout")
+	if got := testbed.Disks(t, h.l, dom, false)[target]; got != img {
+		t.Fatalf("after the timed-out detach, live %s is %q, want still %s", target, got, img)
+	}
+}
+
+func TestAttachToShutoffDomainGoesToConfig(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t)
+	dom := testbed.Domain(t, h.l, "attachoff", testbed.DomainOptions{})
+	img := testbed.DiskImage(t, 8)
+	res := h.ok(t, dom, vm.AttachDisk, `{"path":"`+img+`","target":"vdc","readonly":true}`, true, "shutoff")
+	if res.Detail["target"] != "vdc" {
+		t.Fatalf("detail %v, want target vdc", res.Detail)
+	}
+	if got := testbed.Disks(t, h.l, dom, true)["vdc"]; got != img {
+		t.Fatalf("config vdc is %q, want %s", got, img)
+	}
+	h.fails(t, dom.Name, vm.AttachDisk, `{"path":"`+img+`","persistent":false}`, "conflict")
+	// The disk is in the config, so the domain boots with it.
+	h.ok(t, dom, vm.Start, ``, true, "running")
+	if got := testbed.Disks(t, h.l, dom, false)["vdc"]; got != img {
+		t.Fatalf("live vdc after start is %q, want %s", got, img)
+	}
+	h.ok(t, dom, vm.Stop, `{"mode":"force"}`, true, "shutoff")
+	h.ok(t, dom, vm.DetachDisk, `{"target":"vdc"}`, true, "shutoff")
+	if _, still := testbed.Disks(t, h.l, dom, true)["vdc"]; still {
+		t.Fatalf("vdc still in the config after detach")
+	}
+}
+
+func TestAttachTargetTaken(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t)
+	dom := testbed.Domain(t, h.l, "taken", testbed.DomainOptions{})
+	a, b := testbed.DiskImage(t, 1), testbed.DiskImage(t, 1)
+	h.ok(t, dom, vm.AttachDisk, `{"path":"`+a+`","target":"vdb"}`, true, "shutoff")
+	h.fails(t, dom.Name, vm.AttachDisk, `{"path":"`+b+`","target":"vdb"}`, "conflict")
+	res := h.ok(t, dom, vm.AttachDisk, `{"path":"`+b+`"}`, true, "shutoff")
+	if res.Detail["target"] != "vda" {
+		t.Fatalf("next free target %v, want vda", res.Detail["target"])
+	}
+}
+
+func TestNotFound(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t)
+	img := testbed.DiskImage(t, 1)
+	missing := testbed.Name("missing")
+	for _, c := range []struct {
+		vm     string
+		action vm.Action
+		params string
+	}{
+		{missing, vm.Start, ``},
+		{missing, vm.Stop, ``},
+		{missing, vm.Reboot, ``},
+		{missing, vm.Status, ``},
+		{missing, vm.AttachDisk, `{"path":"` + img + `"}`},
+		{missing, vm.DetachDisk, `{"target":"vdb"}`},
+		{"6f1c2b1e-0000-4000-8000-00000000dead", vm.Start, ``},
+	} {
+		h.fails(t, c.vm, c.action, c.params, "not_found")
+	}
+	dom := testbed.Domain(t, h.l, "noimage", testbed.DomainOptions{})
+	h.fails(t, dom.Name, vm.AttachDisk, `{"path":"`+filepath.Join(filepath.Dir(img), "nope.img")+`"}`, "not_found")
+}
+
+// No path outside the disk roots reaches a guest, however it is spelled.
+func TestAttachForbiddenPaths(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t)
+	dom := testbed.Domain(t, h.l, "forbidden", testbed.DomainOptions{Running: true})
+	dir := testbed.Dir(t)
+	mustSymlink(t, "/etc/passwd", filepath.Join(dir, "escape.img"))
+	mustSymlink(t, "/dev/null", filepath.Join(dir, "devlink.img"))
+	if err := syscall.Mknod(filepath.Join(dir, "node.img"), syscall.S_IFCHR|0o600, 1<<8|3); err != nil {
+		t.Fatalf("mknod: %v", err)
+	}
+	for _, p := range []string{
+		"/etc/shadow",
+		testbed.ImageRoot() + "/../../../../etc/shadow",
+		filepath.Join(dir, "escape.img"),
+		filepath.Join(dir, "devlink.img"),
+		filepath.Join(dir, "node.img"),
+		"/dev/null",
+		testbed.ImageRoot(),
+	} {
+		h.fails(t, dom.Name, vm.AttachDisk, `{"path":"`+p+`"}`, "forbidden")
+	}
+	if disks := testbed.Disks(t, h.l, dom, false); len(disks) != 0 {
+		t.Fatalf("disks %v reached the domain", disks)
+	}
+}
+
+func TestBadParameters(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t)
+	dom := testbed.Domain(t, h.l, "badparams", testbed.DomainOptions{Running: true})
+	for _, c := range []struct {
+		action vm.Action
+		params string
+	}{
+		{vm.Start, `{"force":true}`},
+		{vm.Stop, `{"mode":"gentle"}`},
+		{vm.Stop, `{"timeout":60}`},
+		{vm.Stop, `{"timeout":"-1s"}`},
+		{vm.Reboot, `{"mode":"warm"}`},
+		{vm.AttachDisk, `{}`},
+		{vm.AttachDisk, `{"path":"relative.img"}`},
+		{vm.AttachDisk, `{"path":"/x.img","bus":"ide"}`},
+		{vm.DetachDisk, `{}`},
+		{vm.Stop, `[1,2]`},
+		{vm.Action("explode"), ``},
+	} {
+		h.fails(t, dom.Name, c.action, c.params, "invalid")
+	}
+	wantState(t, h.l, dom, libvirt.DomainRunning)
+}
+
+// libvirtd goes away in the middle of a series of calls and comes back:
+// the calls made while it is down wait for it, and every call completes.
+func TestLibvirtdRestart(t *testing.T) {
+	h := newHarness(t)
+	testbed.OwnLibvirtd(t)
+	dom := testbed.Domain(t, h.l, "restart", testbed.DomainOptions{})
+	h.ok(t, dom, vm.Start, ``, true, "running")
+
+	testbed.StopLibvirtd(t)
+	type outcome struct {
+		res vm.Result
+		err error
+	}
+	results := make(chan outcome, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		res, err := h.ex.Do(ctx, dom.Name, vm.Stop, json.RawMessage(`{"mode":"force"}`))
+		results <- outcome{res, err}
+	}()
+	time.Sleep(time.Second) // the stop is now waiting for libvirtd
+	testbed.StartLibvirtd(t)
+	got := <-results
+	if got.err != nil || !got.res.Changed || got.res.State != "shutoff" {
+		t.Fatalf("stop across the restart: %+v, %v", got.res, got.err)
+	}
+	h.ok(t, dom, vm.Start, ``, true, "running")
+	h.ok(t, dom, vm.Status, ``, false, "running")
+	// The test's own connection died with the daemon; check with a new one.
+	l := testbed.Require(t)
+	wantState(t, l, dom, libvirt.DomainRunning)
+}
+
+func mustSymlink(t *testing.T, target, link string) {
+	t.Helper()
+	if err := os.Symlink(target, link); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func uuidOf(d libvirt.Domain) string {
+	u := d.UUID
+	return fmt.Sprintf("%x-%x-%x-%x-%x", u[0:4], u[4:6], u[6:8], u[8:10], u[10:16])
+}
