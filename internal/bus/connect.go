@@ -20,6 +20,10 @@ type ConnOptions struct {
 	TLSCA    string
 	TLSCert  string
 	TLSKey   string
+
+	// WaitForServer keeps trying when the server is not there at start,
+	// as a daemon should; a CLI leaves it off to fail at once.
+	WaitForServer bool
 }
 
 // Connect dials NATS and keeps reconnecting forever: a worker must outlive
@@ -29,7 +33,7 @@ func Connect(o ConnOptions, log *slog.Logger) (*nats.Conn, error) {
 		nats.Name(o.Name),
 		nats.MaxReconnects(-1),
 		nats.ReconnectWait(time.Second),
-		nats.RetryOnFailedConnect(false),
+		nats.RetryOnFailedConnect(o.WaitForServer),
 		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
 			if err != nil {
 				log.Warn("nats disconnected", "err", err)

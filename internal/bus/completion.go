@@ -1,0 +1,180 @@
+package bus
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"runtime/debug"
+	"time"
+
+	"github.com/nats-io/nats.go"
+)
+
+var errNotConnected = errors.New("nats not connected")
+
+// publishTimeout bounds the flush that confirms a completion reached the
+// server.
+const publishTimeout = 5 * time.Second
+
+// execute runs the handler, turning a panic into an `unavailable` outcome:
+// one bad command must not take the worker and every other VM down, and the
+// bus's MaxDeliver still ends it in a final completion.
+func (w *Worker) execute(ctx context.Context, cmd Command) (out Outcome, started, finished time.Time) {
+	started = time.Now()
+	defer func() {
+		if r := recover(); r != nil {
+			w.log.Error("handler panic", "id", cmd.ID, "vm", cmd.VM, "action", cmd.Action,
+				"panic", fmt.Sprint(r), "stack", string(debug.Stack()))
+			out = Outcome{Err: &Error{Code: CodeUnavailable, Message: fmt.Sprintf("handler panic: %v", r)}}
+		}
+		finished = time.Now()
+	}()
+	out = w.handler(handlerContext(ctx), cmd)
+	return out, started, finished
+}
+
+// retryable says whether an outcome should be tried again on a later
+// delivery rather than end the command now.
+func (w *Worker) retryable(cmd Command, out Outcome) bool {
+	return out.Err != nil && out.Err.Code == CodeUnavailable && cmd.Attempt < w.cfg.MaxDeliver
+}
+
+// backoff is the delay before the delivery after attempt: exponential,
+// capped.
+func (w *Worker) backoff(attempt int) time.Duration {
+	d := w.cfg.RetryBackoff
+	for i := 1; i < attempt && d < w.cfg.RetryBackoffMax; i++ {
+		d *= 2
+	}
+	return min(d, w.cfg.RetryBackoffMax)
+}
+
+func (w *Worker) completion(cmd Command, out Outcome, started, finished time.Time) Completion {
+	c := Completion{
+		ID:         cmd.ID,
+		Host:       w.cfg.Host,
+		VM:         cmd.VM,
+		Action:     cmd.Action,
+		Status:     StatusOK,
+		Changed:    out.Changed,
+		State:      out.State,
+		Detail:     out.Detail,
+		Attempt:    cmd.Attempt,
+		ReceivedAt: cmd.ReceivedAt.UTC(),
+		StartedAt:  started.UTC(),
+		FinishedAt: finished.UTC(),
+		DurationMS: float64(finished.Sub(started)) / float64(time.Millisecond),
+	}
+	if out.Err != nil {
+		c.Status = StatusError
+		c.Error = out.Err
+	}
+	return c
+}
+
+// failure is the completion of a command that ends without running.
+func (w *Worker) failure(cmd Command, e *Error) Completion {
+	now := time.Now()
+	return w.completion(cmd, Outcome{Err: e}, now, now)
+}
+
+// publish sends a completion to the event subject and the reply subject,
+// and confirms with a flush that the server has it. While NATS is down it
+// keeps trying, until it goes through or ctx ends; the caller must not ack
+// before it returns nil.
+func (w *Worker) publish(ctx context.Context, c Completion, reply string) error {
+	data, err := json.Marshal(c)
+	if err != nil {
+		// Only an unencodable Detail gets here; drop it rather than lose the
+		// completion.
+		w.log.Error("completion detail not encodable; sent without it", "id", c.ID, "err", err)
+		c.Detail = map[string]any{"encode_error": err.Error()}
+		if data, err = json.Marshal(c); err != nil {
+			return fmt.Errorf("encode completion %s: %w", c.ID, err)
+		}
+	}
+	var subjects []string
+	if ValidToken(c.VM) && ValidToken(c.Action) {
+		subjects = append(subjects, EventSubject(w.cfg.Host, c.VM, c.Action))
+	}
+	if reply != "" {
+		subjects = append(subjects, reply)
+	}
+	return retry(ctx, func() error {
+		// Publishing into the reconnect buffer would "succeed" and the flush
+		// would then time out: publish only to a live connection.
+		if !w.nc.IsConnected() {
+			return errNotConnected
+		}
+		for _, s := range subjects {
+			if err := w.nc.Publish(s, data); err != nil {
+				return fmt.Errorf("publish completion %s to %s: %w", c.ID, s, err)
+			}
+		}
+		if err := w.nc.FlushTimeout(publishTimeout); err != nil {
+			return fmt.Errorf("flush completion %s: %w", c.ID, err)
+		}
+		return nil
+	}, func(err error) {
+		w.log.Debug("completion not published yet", "id", c.ID, "err", err)
+	})
+}
+
+// report counts and logs a command's final completion: the one log line
+// per command.
+func (w *Worker) report(c Completion, duplicate bool) {
+	code := ""
+	if c.Error != nil {
+		code = c.Error.Code
+	}
+	attrs := []any{"id", c.ID, "vm", c.VM, "action", c.Action, "status", c.Status, "code", code,
+		"attempt", c.Attempt, "duration_ms", c.DurationMS}
+	if duplicate {
+		w.m.duplicates.Inc()
+		w.log.Info("command answered from record", attrs...)
+		return
+	}
+	w.m.completed.WithLabelValues(c.Action, c.Status).Inc()
+	w.m.duration.WithLabelValues(c.Action).Observe(c.DurationMS / 1000)
+	if c.Error != nil {
+		w.m.errors.WithLabelValues(c.Action, code).Inc()
+		w.log.Warn("command failed", append(attrs, "error", c.Error.Message)...)
+		return
+	}
+	w.log.Info("command done", attrs...)
+}
+
+// retry calls op until it succeeds or ctx ends, with capped doubling
+// between tries. op always runs at least once, even after ctx ended, so a
+// finished command still gets its one chance to be answered at shutdown.
+func retry(ctx context.Context, op func() error, onErr func(error)) error {
+	delay := 50 * time.Millisecond
+	for {
+		err := op()
+		if err == nil {
+			return nil
+		}
+		if onErr != nil {
+			onErr(err)
+		}
+		t := time.NewTimer(delay)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return err
+		case <-t.C:
+		}
+		delay = min(2*delay, time.Second)
+	}
+}
+
+// waitConnected blocks until the connection is up or ctx ends.
+func waitConnected(ctx context.Context, nc *nats.Conn) error {
+	return retry(ctx, func() error {
+		if !nc.IsConnected() {
+			return errNotConnected
+		}
+		return nil
+	}, nil)
+}

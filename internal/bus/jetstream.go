@@ -1,0 +1,311 @@
+package bus
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// StreamName is the stream that keeps commands until a worker acks them.
+const StreamName = "VIRTBUS_CMD"
+
+// ConsumerName is the durable consumer (JetStream) or queue group (core) of
+// host.
+func ConsumerName(host string) string { return "virtbus-" + host }
+
+const (
+	// fetchWait is how long one pull waits for messages; it bounds how long
+	// shutdown waits for the fetch loop. A pull is not cancelled early: the
+	// server could already have handed it messages that would then sit
+	// unacked until AckWait.
+	fetchWait = time.Second
+	// setupTimeout bounds one round of stream, consumer and bucket calls.
+	setupTimeout = 10 * time.Second
+	// ackTries bounds the confirmed acks of one message while connected:
+	// when they all fail, the command is answered again from its record on
+	// redelivery.
+	ackTries = 5
+)
+
+// runJetStream is Run for DeliveryJetStream.
+func (w *Worker) runJetStream(ctx context.Context) error {
+	js, err := jetstream.New(w.nc)
+	if err != nil {
+		return fmt.Errorf("jetstream context: %w", err)
+	}
+
+	left := make(chan []*job, 1)
+	go func() {
+		left <- w.q.Run(ctx, func(_ string, j *job) { w.processJS(ctx, j) })
+	}()
+	beatCtx, stopBeat := context.WithCancel(context.WithoutCancel(ctx))
+	var beats sync.WaitGroup
+	beats.Go(func() { w.heartbeat(beatCtx) })
+
+	w.fetchLoop(ctx, js)
+
+	// The queue hands back what it did not start only after the running
+	// commands ended, so no command is answered after Run returns. Messages
+	// that came in after shutdown began go back only now too: no pull is
+	// open that they would be redelivered straight into. The server
+	// redelivers in nak order, so nak in stream order to keep each VM's
+	// commands in order for the next worker.
+	back := append(<-left, w.late...)
+	slices.SortFunc(back, func(a, b *job) int { return cmp.Compare(a.seq, b.seq) })
+	for _, j := range back {
+		w.handBack(j)
+	}
+	stopBeat()
+	beats.Wait()
+	// Naks are fire-and-forget: push them out before the caller closes the
+	// connection.
+	if w.nc.IsConnected() {
+		if err := w.nc.FlushTimeout(publishTimeout); err != nil {
+			w.log.Warn("flush at shutdown", "err", err)
+		}
+	}
+	return nil
+}
+
+// setup creates or updates the stream, this host's consumer and the record
+// bucket. All three calls are idempotent, so setup is simply repeated after
+// an error that may mean the server lost them.
+func (w *Worker) setup(ctx context.Context, js jetstream.JetStream) (jetstream.Consumer, error) {
+	ctx, cancel := context.WithTimeout(ctx, setupTimeout)
+	defer cancel()
+	_, err := js.CreateOrUpdateStream(ctx, jetstream.StreamConfig{
+		Name:        StreamName,
+		Description: "virtbus commands, kept until a worker answers them",
+		Subjects:    []string{CommandPrefix + ".>"},
+		Retention:   jetstream.WorkQueuePolicy,
+		Storage:     jetstream.FileStorage,
+		Duplicates:  w.cfg.DupWindow,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("create or update stream %s: %w", StreamName, err)
+	}
+	cons, err := js.CreateOrUpdateConsumer(ctx, StreamName, jetstream.ConsumerConfig{
+		Durable:       ConsumerName(w.cfg.Host),
+		Description:   "virtbus worker on " + w.cfg.Host,
+		FilterSubject: CommandPrefix + "." + w.cfg.Host + ".>",
+		AckPolicy:     jetstream.AckExplicitPolicy,
+		AckWait:       w.cfg.AckWait,
+		// The bus counts deliveries itself, so that a command that runs out
+		// of them is answered instead of vanishing in the stream.
+		MaxDeliver: -1,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("create or update consumer %s: %w", ConsumerName(w.cfg.Host), err)
+	}
+	recs, err := openRecords(ctx, js, w.cfg.Host, w.cfg.RecordTTL)
+	if err != nil {
+		return nil, err
+	}
+	w.records.Store(recs)
+	return cons, nil
+}
+
+// fetchLoop pulls as many messages as the FIFO has room for until ctx ends.
+// It outlives any NATS outage: errors mean back off and set up again.
+func (w *Worker) fetchLoop(ctx context.Context, js jetstream.JetStream) {
+	var (
+		cons       jetstream.Consumer
+		reconnects uint64
+		// A server without JetStream fails setup for good: back off to
+		// one warning every half minute.
+		setupDelay = time.Second
+	)
+	for ctx.Err() == nil {
+		// A pull published while disconnected would wait in the reconnect
+		// buffer and reach the server long after it was given up.
+		if waitConnected(ctx, w.nc) != nil {
+			return
+		}
+		// The server we reconnected to may have lost the stream or the
+		// consumer (a new node, a wiped store); pulls to a missing consumer
+		// just go unanswered, so set up again after every reconnect.
+		if n := w.nc.Stats().Reconnects; n != reconnects {
+			reconnects, cons = n, nil
+		}
+		if cons == nil {
+			var err error
+			if cons, err = w.setup(ctx, js); err != nil {
+				if ctx.Err() == nil {
+					w.log.Warn("jetstream setup failed; retrying", "err", err, "retry_in", setupDelay)
+				}
+				sleep(ctx, setupDelay)
+				setupDelay = min(2*setupDelay, 30*time.Second)
+				continue
+			}
+			setupDelay = time.Second
+			w.ready.Store(true)
+			w.log.Info("consuming", "stream", StreamName, "consumer", ConsumerName(w.cfg.Host))
+		}
+
+		room, err := w.q.WaitRoom(ctx)
+		if err != nil {
+			return
+		}
+		batch, err := cons.Fetch(room, jetstream.FetchMaxWait(w.fetchWait))
+		if err == nil {
+			for msg := range batch.Messages() {
+				w.accept(msg)
+			}
+			err = batch.Error()
+		}
+		if err != nil && !errors.Is(err, jetstream.ErrNoMessages) {
+			w.log.Warn("fetch failed; setting up again", "err", err)
+			cons = nil
+			w.ready.Store(false)
+			sleep(ctx, time.Second)
+		}
+	}
+}
+
+// accept queues one fetched message. The fetch asked for no more than the
+// free room and only this loop pushes, so the queue refuses a message only
+// when it is shutting down; then the message is kept aside, still held and
+// heartbeaten, and handed back once the pull is over.
+func (w *Worker) accept(msg jetstream.Msg) {
+	j := w.decode(msg.Subject(), msg.Headers(), msg.Data(), time.Now())
+	j.js = msg
+	if md, err := msg.Metadata(); err == nil {
+		j.cmd.Attempt = int(md.NumDelivered)
+		j.seq = md.Sequence.Stream
+		if j.cmd.ID == "" {
+			j.cmd.ID = fmt.Sprintf("seq-%d", md.Sequence.Stream)
+		}
+	} else if j.cmd.ID == "" {
+		j.cmd.ID = "unknown"
+	}
+	w.m.received.WithLabelValues(j.cmd.Action).Inc()
+	if j.cmd.Attempt > 1 {
+		w.m.redeliveries.Inc()
+	}
+	w.log.Debug("command received", "id", j.cmd.ID, "subject", msg.Subject(), "attempt", j.cmd.Attempt)
+
+	w.held.add(j)
+	if err := w.q.Push(j.key, j); err != nil {
+		w.log.Debug("command not queued", "id", j.cmd.ID, "err", err)
+		w.late = append(w.late, j)
+	}
+}
+
+// processJS answers one command: from its record when it was answered
+// before, else by running it. The completion is recorded, then published,
+// and only then is the message acked.
+func (w *Worker) processJS(ctx context.Context, j *job) {
+	defer w.held.remove(j)
+	cmd := j.cmd
+	w.m.queueWait.WithLabelValues(cmd.Action).Observe(time.Since(cmd.ReceivedAt).Seconds())
+	// NATS calls use a context shutdown does not cancel: a command taken
+	// off the queue is seen through. ctx only ends the waiting for NATS.
+	callCtx := handlerContext(ctx)
+
+	var rec *Completion
+	err := retry(ctx, func() error {
+		var err error
+		rec, err = w.records.Load().get(callCtx, cmd.ID)
+		return err
+	}, func(err error) { w.log.Debug("record lookup failed", "id", cmd.ID, "err", err) })
+	if err != nil {
+		w.log.Warn("record lookup failed at shutdown; handing back", "id", cmd.ID, "err", err)
+		w.handBack(j)
+		return
+	}
+	if rec != nil {
+		if err := w.publish(ctx, *rec, cmd.Reply); err != nil {
+			w.log.Warn("completion not published at shutdown; handing back", "id", cmd.ID, "err", err)
+			w.handBack(j)
+			return
+		}
+		w.ack(ctx, j)
+		w.report(*rec, true)
+		return
+	}
+
+	var c Completion
+	switch {
+	case j.invalid != nil:
+		c = w.failure(cmd, j.invalid)
+	case cmd.Attempt > w.cfg.MaxDeliver:
+		c = w.failure(cmd, &Error{Code: CodeUnavailable,
+			Message: fmt.Sprintf("not completed after %d deliveries", cmd.Attempt-1)})
+	default:
+		out, started, finished := w.execute(ctx, cmd)
+		if w.retryable(cmd, out) {
+			delay := w.backoff(cmd.Attempt)
+			if err := j.js.NakWithDelay(delay); err != nil {
+				w.log.Warn("nak failed; redelivered after ack wait", "id", cmd.ID, "err", err)
+			}
+			w.log.Info("command unavailable; will retry", "id", cmd.ID, "vm", cmd.VM, "action", cmd.Action,
+				"attempt", cmd.Attempt, "retry_in", delay, "error", out.Err.Message)
+			return
+		}
+		c = w.completion(cmd, out, started, finished)
+	}
+
+	if err := retry(ctx, func() error { return w.records.Load().put(callCtx, c) },
+		func(err error) { w.log.Debug("record failed", "id", c.ID, "err", err) }); err != nil {
+		w.log.Warn("completion not recorded at shutdown; handing back", "id", cmd.ID, "err", err)
+		w.handBack(j)
+		return
+	}
+	if w.crashAfterRecord != nil && w.crashAfterRecord(cmd) {
+		return
+	}
+	if err := w.publish(ctx, c, cmd.Reply); err != nil {
+		w.log.Warn("completion not published at shutdown; handing back", "id", cmd.ID, "err", err)
+		w.handBack(j)
+		return
+	}
+	w.ack(ctx, j)
+	w.report(c, false)
+}
+
+// ack acks after the completion went out, and waits for the server to
+// confirm, so that the slot is freed only once the server counts the
+// message as done. An ack that never goes through is not fatal: the
+// redelivery is answered from the record.
+func (w *Worker) ack(ctx context.Context, j *job) {
+	var err error
+	for range ackTries {
+		if err = waitConnected(ctx, w.nc); err != nil {
+			break // shutdown while disconnected
+		}
+		actx, cancel := context.WithTimeout(handlerContext(ctx), publishTimeout)
+		err = j.js.DoubleAck(actx)
+		cancel()
+		if err == nil || errors.Is(err, jetstream.ErrMsgAlreadyAckd) {
+			return
+		}
+		w.log.Debug("ack failed", "id", j.cmd.ID, "err", err)
+		sleep(ctx, 100*time.Millisecond)
+	}
+	w.log.Warn("ack not confirmed; a redelivery is answered from the record", "id", j.cmd.ID, "err", err)
+}
+
+// handBack returns a command that was not answered to the stream for
+// immediate redelivery.
+func (w *Worker) handBack(j *job) {
+	w.held.remove(j)
+	if err := j.js.Nak(); err != nil {
+		w.log.Warn("nak failed; redelivered after ack wait", "id", j.cmd.ID, "err", err)
+	}
+}
+
+// sleep waits for d or until ctx ends.
+func sleep(ctx context.Context, d time.Duration) {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+	case <-t.C:
+	}
+}

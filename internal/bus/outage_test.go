@@ -1,0 +1,94 @@
+package bus
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"math/rand/v2"
+	"testing"
+	"time"
+)
+
+func TestNATSServerRestartMidBacklog(t *testing.T) {
+	const total = 40
+	dir := t.TempDir()
+	s := startServer(t, dir, -1)
+	port := serverPort(t, s)
+	nc := connect(t, s.ClientURL())
+	js := jsFor(t, nc)
+
+	c := newCalls()
+	restarted := make(chan struct{})
+	// AckWait is short so that a pull the restart cut off (delivered by the
+	// server, never received) comes back quickly; the heartbeat keeps the
+	// held ones.
+	w := startWorker(t, connect(t, s.ClientURL()), Config{QueueSize: 4, Concurrency: 2, AckWait: 2 * time.Second},
+		func(_ context.Context, cmd Command) Outcome {
+			// Past a quarter of the backlog, commands finish only once the
+			// server is back: they are answered across the outage.
+			if c.add(cmd) > total/4 {
+				<-restarted
+			}
+			time.Sleep(time.Duration(rand.IntN(3)) * time.Millisecond)
+			return Outcome{State: "running"}
+		})
+	for i := range total {
+		publishCmd(t, js, fmt.Sprintf("vm-%d", i%4), "start", id("r", i), "", "")
+	}
+
+	waitFor(t, "a quarter of the backlog done, two running", func() bool { return c.total() == total/4+2 })
+	s.Shutdown()
+	s.WaitForShutdown()
+	startServer(t, dir, port)
+	close(restarted)
+
+	// Every command is acked, which the worker does only after recording
+	// and publishing its completion...
+	waitStreamEmpty(t, js)
+	kv, err := js.KeyValue(t.Context(), RecordBucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range total {
+		e, err := kv.Get(t.Context(), recordKey(testHost, id("r", i)))
+		if err != nil {
+			t.Errorf("no record of %s: %v", id("r", i), err)
+			continue
+		}
+		var rec Completion
+		if err := json.Unmarshal(e.Value(), &rec); err != nil || rec.Status != StatusOK || rec.ID != id("r", i) {
+			t.Errorf("record of %s: %s (%v)", id("r", i), e.Value(), err)
+		}
+	}
+	waitFor(t, "worker ready again", w.Ready)
+	if n := metricValue(t, w.reg, "virtbus_reconnects_total", "target", "nats"); n < 1 {
+		t.Errorf("virtbus_reconnects_total{target=nats} = %v after a restart", n)
+	}
+	// ...and ran exactly once. A completion may be published twice (an ack
+	// lost in the restart is answered again from the record), a run may not.
+	for i := range total {
+		if n := len(c.of(id("r", i))); n != 1 {
+			t.Errorf("%s ran %d times, want 1", id("r", i), n)
+		}
+	}
+}
+
+func TestWorkerStartedWhileNATSDown(t *testing.T) {
+	port := freePort(t)
+	url := fmt.Sprintf("nats://127.0.0.1:%d", port)
+	c := newCalls()
+	w := newWorker(t, connect(t, url), Config{}, okHandler(c)).start(t)
+	if w.Ready() {
+		t.Fatal("Ready() with no server")
+	}
+
+	s := startServer(t, t.TempDir(), port)
+	waitFor(t, "worker ready once NATS is up", w.Ready)
+	nc := connect(t, s.ClientURL())
+	js := jsFor(t, nc)
+	events := collect(t, nc, EventPrefix+".>")
+	publishCmd(t, js, "web-1", "start", "late-1", "", "")
+	if got := events.wait(t, "late-1"); got.Status != StatusOK {
+		t.Errorf("completion %+v", got)
+	}
+}

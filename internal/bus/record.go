@@ -1,0 +1,92 @@
+package bus
+
+import (
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// RecordBucket is the JetStream KV bucket that keeps each completion by
+// command id, so that a command delivered again is answered, not run again.
+const RecordBucket = "VIRTBUS_DONE"
+
+// recordTimeout bounds one KV call; a NATS outage is retried by the caller.
+const recordTimeout = 5 * time.Second
+
+type records struct {
+	kv   jetstream.KeyValue
+	host string
+}
+
+func openRecords(ctx context.Context, js jetstream.JetStream, host string, ttl time.Duration) (*records, error) {
+	kv, err := js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
+		Bucket:      RecordBucket,
+		Description: "virtbus completions by command id",
+		History:     1,
+		TTL:         ttl,
+		Storage:     jetstream.FileStorage,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("create or update kv bucket %s: %w", RecordBucket, err)
+	}
+	return &records{kv: kv, host: host}, nil
+}
+
+// get returns the recorded completion of id, or nil when there is none.
+func (r *records) get(ctx context.Context, id string) (*Completion, error) {
+	ctx, cancel := context.WithTimeout(ctx, recordTimeout)
+	defer cancel()
+	e, err := r.kv.Get(ctx, recordKey(r.host, id))
+	if errors.Is(err, jetstream.ErrKeyNotFound) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("look up completion %s: %w", id, err)
+	}
+	var c Completion
+	if err := json.Unmarshal(e.Value(), &c); err != nil {
+		// A record we cannot read is no answer: run the command again (all
+		// actions are idempotent) and overwrite it.
+		return nil, nil
+	}
+	return &c, nil
+}
+
+func (r *records) put(ctx context.Context, c Completion) error {
+	data, err := json.Marshal(c)
+	if err != nil {
+		return fmt.Errorf("encode completion %s: %w", c.ID, err)
+	}
+	ctx, cancel := context.WithTimeout(ctx, recordTimeout)
+	defer cancel()
+	if _, err := r.kv.Put(ctx, recordKey(r.host, c.ID), data); err != nil {
+		return fmt.Errorf("record completion %s: %w", c.ID, err)
+	}
+	return nil
+}
+
+// recordKey is "<host>.<id>", each part kept readable when it is made of
+// KV-safe characters and base64url-encoded (marked by a leading "=", which
+// plain parts never have) otherwise: command ids are chosen by publishers.
+func recordKey(host, id string) string {
+	return keyPart(host) + "." + keyPart(id)
+}
+
+func keyPart(s string) string {
+	for _, r := range s {
+		switch {
+		case r >= 'a' && r <= 'z', r >= 'A' && r <= 'Z', r >= '0' && r <= '9', r == '-', r == '_':
+			continue
+		}
+		return "=" + base64.RawURLEncoding.EncodeToString([]byte(s))
+	}
+	if s == "" {
+		return "="
+	}
+	return s
+}

@@ -1,0 +1,195 @@
+package bus
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync/atomic"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/virtbus/virtbus/internal/queue"
+)
+
+// Delivery modes (VIRTBUS_DELIVERY).
+const (
+	DeliveryJetStream = "jetstream"
+	DeliveryCore      = "core"
+)
+
+// Config is what the worker needs to know about its place on the bus.
+// Zero values take the defaults named on each field.
+type Config struct {
+	Host        string        // subject-safe host id
+	Delivery    string        // DeliveryJetStream (default) or DeliveryCore
+	QueueSize   int           // FIFO capacity, queued plus running (default 64)
+	Concurrency int           // commands for different VMs run side by side (default 1)
+	MaxDeliver  int           // deliveries before an `unavailable` command ends in its final error completion (default 5)
+	AckWait     time.Duration // redelivery timer of the consumer (default 30s)
+	DupWindow   time.Duration // stream duplicate window (default 2m)
+	RecordTTL   time.Duration // how long completions are kept by id (default 24h)
+
+	// RetryBackoff is the delay before the second delivery of a command that
+	// ended `unavailable`; it doubles with each delivery up to
+	// RetryBackoffMax (defaults 1s and 30s).
+	RetryBackoff    time.Duration
+	RetryBackoffMax time.Duration
+}
+
+func (c Config) withDefaults() (Config, error) {
+	if !ValidToken(c.Host) {
+		return c, fmt.Errorf("host %q is not a subject token", c.Host)
+	}
+	switch c.Delivery {
+	case "":
+		c.Delivery = DeliveryJetStream
+	case DeliveryJetStream, DeliveryCore:
+	default:
+		return c, fmt.Errorf("delivery %q: want %s or %s", c.Delivery, DeliveryJetStream, DeliveryCore)
+	}
+	ints := []struct {
+		name string
+		v    *int
+		def  int
+	}{
+		{"queue size", &c.QueueSize, 64},
+		{"concurrency", &c.Concurrency, 1},
+		{"max deliver", &c.MaxDeliver, 5},
+	}
+	for _, f := range ints {
+		if *f.v < 0 {
+			return c, fmt.Errorf("%s %d: must not be negative", f.name, *f.v)
+		}
+		if *f.v == 0 {
+			*f.v = f.def
+		}
+	}
+	durations := []struct {
+		name string
+		v    *time.Duration
+		def  time.Duration
+	}{
+		{"ack wait", &c.AckWait, 30 * time.Second},
+		{"duplicate window", &c.DupWindow, 2 * time.Minute},
+		{"record ttl", &c.RecordTTL, 24 * time.Hour},
+		{"retry backoff", &c.RetryBackoff, time.Second},
+		{"retry backoff max", &c.RetryBackoffMax, 30 * time.Second},
+	}
+	for _, f := range durations {
+		if *f.v < 0 {
+			return c, fmt.Errorf("%s %s: must not be negative", f.name, *f.v)
+		}
+		if *f.v == 0 {
+			*f.v = f.def
+		}
+	}
+	return c, nil
+}
+
+// Handler runs one command and reports its outcome. The context is not
+// cancelled by the worker's shutdown: a command that started is finished, so
+// nothing is published half.
+type Handler func(ctx context.Context, cmd Command) Outcome
+
+// Worker takes this host's commands off NATS, runs them through the FIFO
+// and the Handler, and answers each with one completion.
+type Worker struct {
+	nc      *nats.Conn
+	cfg     Config
+	handler Handler
+	log     *slog.Logger
+	m       *metrics
+	q       *queue.Queue[*job]
+
+	started atomic.Bool
+	ready   atomic.Bool
+
+	// JetStream mode only. records is set by the fetch loop's setup, which
+	// runs again after reconnects, and read by the running commands.
+	held    heldSet
+	records atomic.Pointer[records]
+	late    []*job // fetched after shutdown began; only the fetch loop touches it
+
+	// fetchWait is how long one pull waits for messages (fetchWait unless
+	// a test wants quicker shutdowns).
+	fetchWait time.Duration
+
+	// crashAfterRecord lets a test stop a command between recording its
+	// completion and publishing it, as a crash there would.
+	crashAfterRecord func(Command) bool
+}
+
+// New checks the configuration and registers the metrics; it does no I/O,
+// so a worker can be built while NATS is still unreachable.
+func New(nc *nats.Conn, cfg Config, h Handler, log *slog.Logger, reg prometheus.Registerer) (*Worker, error) {
+	if nc == nil {
+		return nil, errors.New("new bus worker: no NATS connection")
+	}
+	if h == nil {
+		return nil, errors.New("new bus worker: no handler")
+	}
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	cfg, err := cfg.withDefaults()
+	if err != nil {
+		return nil, fmt.Errorf("bus config: %w", err)
+	}
+	w := &Worker{
+		nc:      nc,
+		cfg:     cfg,
+		handler: h,
+		log:     log.With("delivery", cfg.Delivery),
+		q:       queue.New[*job](cfg.QueueSize, cfg.Concurrency),
+		held:    heldSet{jobs: make(map[*job]struct{})},
+
+		fetchWait: fetchWait,
+	}
+	if w.m, err = newMetrics(reg, nc, w.q); err != nil {
+		return nil, err
+	}
+	return w, nil
+}
+
+// Run takes commands until ctx ends, then drains: it stops taking work,
+// lets running commands finish and hands back (JetStream: naks) those still
+// queued. It returns nil after a graceful drain; NATS outages, however long,
+// are waited out rather than returned. Run may be called once.
+func (w *Worker) Run(ctx context.Context) error {
+	if w.started.Swap(true) {
+		return errors.New("bus worker: Run called twice")
+	}
+	w.log.Info("bus worker starting", "host", w.cfg.Host, "queue_size", w.cfg.QueueSize,
+		"concurrency", w.cfg.Concurrency, "max_deliver", w.cfg.MaxDeliver)
+	var err error
+	if w.cfg.Delivery == DeliveryCore {
+		err = w.runCore(ctx)
+	} else {
+		err = w.runJetStream(ctx)
+	}
+	w.ready.Store(false)
+	w.log.Info("bus worker stopped")
+	return err
+}
+
+// Ready reports whether NATS is connected and the consumer (or core
+// subscription) is set up: what /readyz asks of the bus.
+func (w *Worker) Ready() bool {
+	return w.ready.Load() && w.nc.IsConnected()
+}
+
+// Reconnects is the virtbus_reconnects_total counter of target, for the
+// other connections the worker keeps (target "libvirt"); the bus counts
+// target "nats" itself.
+func (w *Worker) Reconnects(target string) prometheus.Counter {
+	return w.m.reconnects.WithLabelValues(target)
+}
+
+// handlerContext is the context a handler runs in: it keeps ctx's values
+// but not its cancellation, because shutdown must not cut a command short.
+func handlerContext(ctx context.Context) context.Context {
+	return context.WithoutCancel(ctx)
+}

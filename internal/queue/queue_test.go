@@ -1,0 +1,351 @@
+package queue
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"sync"
+	"testing"
+	"time"
+)
+
+// within fails the test when ch does not deliver in a generous time: the
+// bound only turns a deadlock into a readable failure, it measures nothing.
+func within[T any](t *testing.T, ch <-chan T, what string) T {
+	t.Helper()
+	select {
+	case v := <-ch:
+		return v
+	case <-time.After(10 * time.Second):
+		t.Fatalf("timed out waiting for %s", what)
+		panic("unreachable")
+	}
+}
+
+type item struct {
+	key string
+	seq int
+}
+
+func TestOrderPerKey(t *testing.T) {
+	tests := []struct {
+		name        string
+		keys        int
+		items       int
+		capacity    int
+		concurrency int
+	}{
+		{name: "one key, one worker", keys: 1, items: 100, capacity: 4, concurrency: 1},
+		{name: "one key, four workers", keys: 1, items: 100, capacity: 8, concurrency: 4},
+		{name: "eight keys, four workers", keys: 8, items: 400, capacity: 16, concurrency: 4},
+		{name: "two keys, four workers", keys: 2, items: 200, capacity: 64, concurrency: 4},
+		{name: "many keys, capacity one", keys: 5, items: 100, capacity: 1, concurrency: 4},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			q := New[item](tc.capacity, tc.concurrency)
+
+			var (
+				mu       sync.Mutex
+				seen     = map[string][]int{}
+				runningK = map[string]int{}
+				running  int
+				peak     int
+				faults   []string
+			)
+			done := make(chan struct{}, tc.items)
+			run := func(key string, it item) {
+				mu.Lock()
+				runningK[key]++
+				running++
+				peak = max(peak, running)
+				if runningK[key] > 1 {
+					faults = append(faults, fmt.Sprintf("key %s: two items at once", key))
+				}
+				if running > tc.concurrency {
+					faults = append(faults, fmt.Sprintf("%d running, concurrency %d", running, tc.concurrency))
+				}
+				seen[key] = append(seen[key], it.seq)
+				mu.Unlock()
+
+				// Vary how long items take so that keys overtake each other.
+				time.Sleep(time.Duration(rand.IntN(300)) * time.Microsecond)
+
+				mu.Lock()
+				runningK[key]--
+				running--
+				mu.Unlock()
+				done <- struct{}{}
+			}
+
+			ctx, cancel := context.WithCancel(t.Context())
+			left := make(chan []item, 1)
+			go func() { left <- q.Run(ctx, run) }()
+
+			next := map[string]int{}
+			for i := range tc.items {
+				key := fmt.Sprintf("vm-%d", rand.IntN(tc.keys))
+				if err := q.PushWait(t.Context(), key, item{key: key, seq: next[key]}); err != nil {
+					t.Fatalf("push %d: %v", i, err)
+				}
+				next[key]++
+			}
+			for range tc.items {
+				within(t, done, "items to run")
+			}
+			cancel()
+			if rest := within(t, left, "Run to return"); len(rest) != 0 {
+				t.Errorf("Run handed back %d items, want 0", len(rest))
+			}
+
+			mu.Lock()
+			defer mu.Unlock()
+			for _, f := range faults {
+				t.Error(f)
+			}
+			for key, n := range next {
+				got := seen[key]
+				if len(got) != n {
+					t.Errorf("key %s: ran %d items, want %d", key, len(got), n)
+					continue
+				}
+				for i, seq := range got {
+					if seq != i {
+						t.Errorf("key %s: position %d ran item %d (order %v)", key, i, seq, got)
+						break
+					}
+				}
+			}
+		})
+	}
+}
+
+// started is a run func that reports each start and blocks until released.
+type gate struct {
+	started chan string
+	release chan struct{}
+}
+
+func newGate() *gate {
+	return &gate{started: make(chan string, 100), release: make(chan struct{})}
+}
+
+func (g *gate) run(key string, it string) {
+	g.started <- it
+	<-g.release
+}
+
+func runQueue[T any](t *testing.T, q *Queue[T], run func(string, T)) (cancel func() []T) {
+	t.Helper()
+	ctx, stop := context.WithCancel(t.Context())
+	left := make(chan []T, 1)
+	go func() { left <- q.Run(ctx, run) }()
+	var once sync.Once
+	var rest []T
+	cancel = func() []T {
+		once.Do(func() {
+			stop()
+			rest = within(t, left, "Run to return")
+		})
+		return rest
+	}
+	t.Cleanup(func() { cancel() })
+	return cancel
+}
+
+func TestBusyKeyDoesNotBlockOtherKeys(t *testing.T) {
+	q := New[string](8, 2)
+	started := make(chan string, 10)
+	release := map[string]chan struct{}{"a1": make(chan struct{}), "a2": make(chan struct{}), "b1": make(chan struct{})}
+	runQueue(t, q, func(_ string, it string) {
+		started <- it
+		<-release[it]
+	})
+	defer func() {
+		for _, ch := range release {
+			close(ch)
+		}
+	}()
+
+	if err := q.Push("a", "a1"); err != nil {
+		t.Fatal(err)
+	}
+	if got := within(t, started, "a1 to start"); got != "a1" {
+		t.Fatalf("started %s, want a1", got)
+	}
+	if err := q.Push("a", "a2"); err != nil {
+		t.Fatal(err)
+	}
+	if err := q.Push("b", "b1"); err != nil {
+		t.Fatal(err)
+	}
+	// a1 holds key a, so the free worker must take b1 from behind a2.
+	if got := within(t, started, "second start"); got != "b1" {
+		t.Fatalf("second started %s, want b1", got)
+	}
+	release["a1"] <- struct{}{}
+	if got := within(t, started, "third start"); got != "a2" {
+		t.Fatalf("third started %s, want a2", got)
+	}
+}
+
+func TestDifferentKeysRunSideBySide(t *testing.T) {
+	const workers = 4
+	q := New[int](workers, workers)
+	arrived := make(chan struct{}, workers)
+	all := make(chan struct{})
+	var once sync.Once
+	var n int
+	var mu sync.Mutex
+	runQueue(t, q, func(string, int) {
+		mu.Lock()
+		n++
+		if n == workers {
+			once.Do(func() { close(all) })
+		}
+		mu.Unlock()
+		// Each item waits for all the others: this only ends if four run at once.
+		<-all
+		arrived <- struct{}{}
+	})
+	for i := range workers {
+		if err := q.Push(fmt.Sprintf("vm-%d", i), i); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for range workers {
+		within(t, arrived, "four items to run together")
+	}
+}
+
+func TestCapacityCountsQueuedAndRunning(t *testing.T) {
+	q := New[string](3, 1)
+	g := newGate()
+	runQueue(t, q, g.run)
+	defer close(g.release)
+
+	if got := q.Free(); got != 3 {
+		t.Fatalf("Free() = %d on an empty queue, want 3", got)
+	}
+	for i, it := range []string{"x1", "x2", "x3"} {
+		if err := q.Push("x", it); err != nil {
+			t.Fatalf("push %d: %v", i, err)
+		}
+	}
+	within(t, g.started, "x1 to start")
+	if got, want := q.Len(), 3; got != want {
+		t.Errorf("Len() = %d, want %d (one running, two queued)", got, want)
+	}
+	if got := q.Running(); got != 1 {
+		t.Errorf("Running() = %d, want 1", got)
+	}
+	if got := q.Free(); got != 0 {
+		t.Errorf("Free() = %d with one running and two queued, want 0", got)
+	}
+	if err := q.Push("y", "y1"); !errors.Is(err, ErrFull) {
+		t.Errorf("push into a full queue: %v, want ErrFull", err)
+	}
+
+	room := make(chan int, 1)
+	go func() {
+		n, err := q.WaitRoom(t.Context())
+		if err != nil {
+			t.Error(err)
+		}
+		room <- n
+	}()
+	g.release <- struct{}{} // x1 ends
+	if got := within(t, room, "room"); got != 1 {
+		t.Errorf("WaitRoom() = %d after one item ended, want 1", got)
+	}
+}
+
+func TestPushWait(t *testing.T) {
+	t.Run("waits for room", func(t *testing.T) {
+		q := New[string](1, 1)
+		g := newGate()
+		runQueue(t, q, g.run)
+		defer close(g.release)
+
+		if err := q.Push("a", "a1"); err != nil {
+			t.Fatal(err)
+		}
+		within(t, g.started, "a1 to start")
+		pushed := make(chan error, 1)
+		go func() { pushed <- q.PushWait(t.Context(), "b", "b1") }()
+		g.release <- struct{}{}
+		if err := within(t, pushed, "PushWait"); err != nil {
+			t.Fatal(err)
+		}
+		if got := within(t, g.started, "b1 to start"); got != "b1" {
+			t.Fatalf("started %s, want b1", got)
+		}
+	})
+	t.Run("gives up with its context", func(t *testing.T) {
+		q := New[string](1, 1)
+		if err := q.Push("a", "a1"); err != nil { // no Run: a1 stays queued
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithCancel(t.Context())
+		cancel()
+		if err := q.PushWait(ctx, "b", "b1"); !errors.Is(err, context.Canceled) {
+			t.Fatalf("PushWait = %v, want context.Canceled", err)
+		}
+	})
+}
+
+func TestShutdownHandsBackQueued(t *testing.T) {
+	q := New[string](8, 1)
+	var (
+		mu       sync.Mutex
+		finished []string
+	)
+	g := newGate()
+	stop := runQueue(t, q, func(key, it string) {
+		g.run(key, it)
+		mu.Lock()
+		finished = append(finished, it)
+		mu.Unlock()
+	})
+
+	for _, p := range []struct{ key, item string }{{"a", "a1"}, {"a", "a2"}, {"b", "b1"}, {"c", "c1"}} {
+		if err := q.Push(p.key, p.item); err != nil {
+			t.Fatal(err)
+		}
+	}
+	within(t, g.started, "a1 to start")
+
+	left := make(chan []string, 1)
+	go func() { left <- stop() }()
+	// Free drops to 0 once the loop has seen the end of its context; until
+	// then a2, b1 and c1 wait behind a1 (concurrency 1).
+	deadline := time.Now().Add(10 * time.Second)
+	for q.Free() != 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("queue never closed")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	close(g.release) // a1 may finish now; nothing else may start
+
+	got := within(t, left, "shutdown")
+	if want := []string{"a2", "b1", "c1"}; fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("handed back %v, want %v", got, want)
+	}
+	mu.Lock()
+	if fmt.Sprint(finished) != "[a1]" {
+		t.Errorf("finished %v before Run returned, want [a1]", finished)
+	}
+	mu.Unlock()
+
+	if err := q.Push("d", "d1"); !errors.Is(err, ErrClosed) {
+		t.Errorf("Push after shutdown: %v, want ErrClosed", err)
+	}
+	if _, err := q.WaitRoom(t.Context()); !errors.Is(err, ErrClosed) {
+		t.Errorf("WaitRoom after shutdown: %v, want ErrClosed", err)
+	}
+	if err := q.PushWait(t.Context(), "d", "d1"); !errors.Is(err, ErrClosed) {
+		t.Errorf("PushWait after shutdown: %v, want ErrClosed", err)
+	}
+}
