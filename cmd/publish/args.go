@@ -1,0 +1,272 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"time"
+	"unicode"
+
+	"github.com/nats-io/nuid"
+
+	"github.com/virtbus/virtbus/internal/bus"
+)
+
+const defaultURL = "nats://127.0.0.1:4222"
+
+// hostname is os.Hostname, replaceable by tests.
+var hostname = os.Hostname
+
+// config is everything the command line and the environment decided.
+type config struct {
+	conn    bus.ConnOptions
+	host    string
+	wait    bool
+	timeout time.Duration
+	json    bool
+	id      string // command id; in load mode the prefix of the ids, or empty
+	core    bool
+
+	action string
+	vm     string   // single mode
+	vms    []string // load mode: round-robin over these
+	params json.RawMessage
+
+	count       int // > 0: load mode
+	concurrency int
+}
+
+const usageHead = `Usage: publish [flags] ACTION VM [key=value ...]
+       publish [flags] -count N [-vms a,b,c] ACTION [VM] [key=value ...]
+
+Sends one command to virtbus.cmd.<host>.<VM>.<ACTION> and, unless -wait=false,
+waits for its completion. JetStream is the default: the command is acked by the
+stream (PubAck) before publish waits, so a command nobody will ever see is an
+error, not a silent drop.
+
+  ACTION     start, stop, reboot, attach-disk, detach-disk, ...; the worker
+             answers an action it does not know with code=invalid
+  VM         libvirt domain name or UUID; a name that is not a valid subject
+             token (dots, spaces, '*', '>') must be given by its UUID
+  key=value  the action's parameters, sent as one JSON object: the values true
+             and false become booleans, every other value stays a string
+             (timeout=90s, mode=force, target=vdb). Use -params '{...}' for
+             anything else; it cannot be combined with key=value.
+
+Load mode (-count N): N commands of ACTION, round-robin over -vms (or the one
+VM argument), at most -concurrency outstanding, each waiting up to -timeout;
+prints sent, ok, errors by code, timeouts, wall time, throughput and latency
+percentiles (from publish to completion).
+
+Exit status: 0 ok; 1 error completion, publish failure or interrupt;
+2 usage error; 3 no completion within -timeout (outcome unknown). In load mode
+3 wins over 1 when both happened.
+
+Examples:
+  publish stop web-1 mode=force
+  publish -json attach-disk web-1 path=/var/lib/libvirt/images/data.qcow2 format=qcow2
+  publish -host hv2 -wait=false reboot 0f3c1e52-7a4b-4c8e-9d1a-2b6f5e4d3c21
+  publish -count 1000 -vms web-1,web-2,web-3 -concurrency 32 start
+
+Flags:
+`
+
+// parseArgs reads flags, the environment and the positional arguments.
+// Connection flags left empty fall back to VIRTBUS_* variables after
+// parsing, so -h never prints a secret taken from the environment.
+func parseArgs(args []string, getenv func(string) string, stderr io.Writer) (*config, error) {
+	c := &config{}
+	fs := flag.NewFlagSet("publish", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		fmt.Fprint(fs.Output(), usageHead)
+		fs.PrintDefaults()
+	}
+	fs.StringVar(&c.conn.URL, "url", "", "NATS server URL (default $VIRTBUS_NATS_URL, else "+defaultURL+")")
+	fs.StringVar(&c.host, "host", "", "worker host id of the subject (default $VIRTBUS_HOST, else this machine's hostname made subject-safe)")
+	fs.StringVar(&c.conn.Creds, "creds", "", "NATS credentials file (default $VIRTBUS_NATS_CREDS)")
+	fs.StringVar(&c.conn.User, "user", "", "NATS user (default $VIRTBUS_NATS_USER)")
+	fs.StringVar(&c.conn.Password, "password", "", "NATS password (default $VIRTBUS_NATS_PASSWORD)")
+	fs.StringVar(&c.conn.Token, "token", "", "NATS token (default $VIRTBUS_NATS_TOKEN)")
+	fs.StringVar(&c.conn.TLSCA, "tls-ca", "", "CA file to verify the server (default $VIRTBUS_NATS_TLS_CA)")
+	fs.StringVar(&c.conn.TLSCert, "tls-cert", "", "client certificate file (default $VIRTBUS_NATS_TLS_CERT)")
+	fs.StringVar(&c.conn.TLSKey, "tls-key", "", "client key file (default $VIRTBUS_NATS_TLS_KEY)")
+	fs.BoolVar(&c.wait, "wait", true, "wait for the completion; false: print the id and stream sequence once the stream has the command")
+	fs.DurationVar(&c.timeout, "timeout", 2*time.Minute, "how long to wait for the PubAck and the completion (per command in load mode)")
+	fs.BoolVar(&c.json, "json", false, "print the completion JSON as the worker sent it (load mode: the summary as JSON)")
+	fs.StringVar(&c.id, "id", "", "command id, the Nats-Msg-Id JetStream deduplicates on (default a fresh NUID; load mode: <id>-<n>)")
+	fs.BoolVar(&c.core, "core", false, "core-NATS request instead of JetStream, for a worker with VIRTBUS_DELIVERY=core (at most once)")
+	rawParams := fs.String("params", "", "the parameters as one raw JSON object, instead of key=value")
+	fs.IntVar(&c.count, "count", 0, "load mode: send this many commands")
+	vms := fs.String("vms", "", "load mode: comma-separated VMs to spread the commands over")
+	fs.IntVar(&c.concurrency, "concurrency", 8, "load mode: most commands outstanding at once")
+	if err := fs.Parse(args); err != nil {
+		if err == flag.ErrHelp {
+			return nil, err
+		}
+		// The flag package has printed the error and the usage already.
+		return nil, &exitError{code: exitUsage}
+	}
+
+	c.conn.Name = "virtbus-publish"
+	fromEnv := func(v *string, key, fallback string) {
+		if *v == "" {
+			*v = getenv(key)
+		}
+		if *v == "" {
+			*v = fallback
+		}
+	}
+	fromEnv(&c.conn.URL, "VIRTBUS_NATS_URL", defaultURL)
+	fromEnv(&c.conn.Creds, "VIRTBUS_NATS_CREDS", "")
+	fromEnv(&c.conn.User, "VIRTBUS_NATS_USER", "")
+	fromEnv(&c.conn.Password, "VIRTBUS_NATS_PASSWORD", "")
+	fromEnv(&c.conn.Token, "VIRTBUS_NATS_TOKEN", "")
+	fromEnv(&c.conn.TLSCA, "VIRTBUS_NATS_TLS_CA", "")
+	fromEnv(&c.conn.TLSCert, "VIRTBUS_NATS_TLS_CERT", "")
+	fromEnv(&c.conn.TLSKey, "VIRTBUS_NATS_TLS_KEY", "")
+	fromEnv(&c.host, "VIRTBUS_HOST", "")
+	if c.host == "" {
+		h, err := hostname()
+		if err != nil {
+			return nil, fmt.Errorf("no -host and no VIRTBUS_HOST, and the hostname is unknown: %w", err)
+		}
+		c.host = subjectSafe(h)
+	}
+	if !bus.ValidToken(c.host) {
+		return nil, usageErrorf("host %q is not a valid subject token", c.host)
+	}
+	if c.timeout <= 0 {
+		return nil, usageErrorf("-timeout must be positive, not %s", c.timeout)
+	}
+	if c.id != "" && !validID(c.id) {
+		return nil, usageErrorf("-id %q: an id is a header value: no spaces or control characters", c.id)
+	}
+
+	pos := fs.Args()
+	if c.count < 0 {
+		return nil, usageErrorf("-count must not be negative")
+	}
+	if c.count == 0 && *vms != "" {
+		return nil, usageErrorf("-vms is for load mode: give -count too")
+	}
+	if c.count > 0 && c.concurrency < 1 {
+		return nil, usageErrorf("-concurrency must be at least 1")
+	}
+	if len(pos) == 0 {
+		return nil, usageErrorf("missing ACTION")
+	}
+	c.action, pos = pos[0], pos[1:]
+	if !bus.ValidToken(c.action) {
+		return nil, usageErrorf("action %q is not a valid subject token", c.action)
+	}
+
+	if *vms != "" {
+		for v := range strings.SplitSeq(*vms, ",") {
+			v = strings.TrimSpace(v)
+			if v == "" {
+				continue
+			}
+			if !bus.ValidToken(v) {
+				return nil, usageErrorf("vm %q in -vms is not a valid subject token: address it by its UUID", v)
+			}
+			c.vms = append(c.vms, v)
+		}
+		if len(c.vms) == 0 {
+			return nil, usageErrorf("-vms names no VM")
+		}
+		if len(pos) > 0 && !strings.Contains(pos[0], "=") {
+			return nil, usageErrorf("give the VMs either with -vms or as the VM argument, not both (%q)", pos[0])
+		}
+	} else {
+		if len(pos) == 0 {
+			return nil, usageErrorf("missing VM after ACTION %q", c.action)
+		}
+		vm := pos[0]
+		pos = pos[1:]
+		if !bus.ValidToken(vm) {
+			return nil, usageErrorf("vm %q is not a valid subject token (dots, spaces, '*' or '>'): address it by its UUID", vm)
+		}
+		c.vm = vm
+		c.vms = []string{vm}
+	}
+
+	var err error
+	switch {
+	case *rawParams != "" && len(pos) > 0:
+		return nil, usageErrorf("-params and key=value arguments cannot be combined")
+	case *rawParams != "":
+		c.params, err = objectParams(*rawParams)
+	default:
+		c.params, err = keyValueParams(pos)
+	}
+	if err != nil {
+		return nil, err
+	}
+
+	if c.count == 0 && c.id == "" {
+		c.id = nuid.Next()
+	}
+	return c, nil
+}
+
+// keyValueParams builds the JSON params object from key=value arguments:
+// true and false become booleans, every other value a string. No parameter
+// of DESIGN's actions is a number (timeout is a Go duration string), so
+// guessing numbers would only turn a VM-ish "007" into 7.
+func keyValueParams(args []string) (json.RawMessage, error) {
+	params := make(map[string]any, len(args))
+	for _, a := range args {
+		k, v, ok := strings.Cut(a, "=")
+		if !ok || k == "" {
+			return nil, usageErrorf("parameter %q is not key=value (flags go before ACTION)", a)
+		}
+		if _, dup := params[k]; dup {
+			return nil, usageErrorf("parameter %q given twice", k)
+		}
+		switch v {
+		case "true":
+			params[k] = true
+		case "false":
+			params[k] = false
+		default:
+			params[k] = v
+		}
+	}
+	b, err := json.Marshal(params)
+	if err != nil {
+		return nil, fmt.Errorf("encode params: %w", err)
+	}
+	return b, nil
+}
+
+// objectParams checks that -params is one JSON object and sends it as given.
+func objectParams(raw string) (json.RawMessage, error) {
+	b := bytes.TrimSpace([]byte(raw))
+	var obj map[string]json.RawMessage
+	if len(b) == 0 || b[0] != '{' || json.Unmarshal(b, &obj) != nil {
+		return nil, usageErrorf("-params must be one JSON object, like '{\"mode\":\"force\"}'")
+	}
+	return b, nil
+}
+
+// subjectSafe turns a hostname into a host id: lower case, and anything but
+// [a-z0-9_-] becomes '-', so "HV1.example.com" is "hv1-example-com".
+// It must agree with the worker's default for VIRTBUS_HOST.
+func subjectSafe(h string) string {
+	return strings.Map(func(r rune) rune {
+		r = unicode.ToLower(r)
+		if r >= 'a' && r <= 'z' || r >= '0' && r <= '9' || r == '_' || r == '-' {
+			return r
+		}
+		return '-'
+	}, h)
+}
+
+func validID(id string) bool {
+	return !strings.ContainsFunc(id, func(r rune) bool { return unicode.IsSpace(r) || unicode.IsControl(r) })
+}

@@ -1,0 +1,269 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/virtbus/virtbus/internal/bus"
+)
+
+func envFunc(env map[string]string) func(string) string {
+	return func(k string) string { return env[k] }
+}
+
+func TestParseArgs(t *testing.T) {
+	hostname = func() (string, error) { return "HV1.Example.com", nil }
+	t.Cleanup(func() { hostname = os.Hostname })
+
+	tests := []struct {
+		name  string
+		args  []string
+		env   map[string]string
+		check func(t *testing.T, c *config)
+	}{
+		{
+			name: "defaults",
+			args: []string{"stop", "web-1"},
+			check: func(t *testing.T, c *config) {
+				want := config{host: "hv1-example-com", wait: true, timeout: 2 * time.Minute, action: "stop", vm: "web-1"}
+				if c.host != want.host || c.wait != want.wait || c.timeout != want.timeout || c.action != want.action || c.vm != want.vm {
+					t.Errorf("got %+v", c)
+				}
+				if c.conn.URL != defaultURL || c.conn.Name == "" {
+					t.Errorf("conn = %+v", c.conn)
+				}
+				if c.id == "" {
+					t.Error("no fresh id")
+				}
+				if string(c.params) != "{}" {
+					t.Errorf("params = %s, want {}", c.params)
+				}
+			},
+		},
+		{
+			name: "key=value: true/false are booleans, the rest strings",
+			args: []string{"stop", "web-1", "mode=force", "timeout=90s", "persistent=false", "readonly=true", "n=7", "target="},
+			check: func(t *testing.T, c *config) {
+				want := `{"mode":"force","n":"7","persistent":false,"readonly":true,"target":"","timeout":"90s"}`
+				if string(c.params) != want {
+					t.Errorf("params = %s\nwant     %s", c.params, want)
+				}
+			},
+		},
+		{
+			name: "value may contain =",
+			args: []string{"attach-disk", "web-1", "path=/var/lib/libvirt/images/a=b.img"},
+			check: func(t *testing.T, c *config) {
+				if string(c.params) != `{"path":"/var/lib/libvirt/images/a=b.img"}` {
+					t.Errorf("params = %s", c.params)
+				}
+			},
+		},
+		{
+			name: "-params is sent as given",
+			args: []string{"-params", ` {"timeout":"5s","retries":3} `, "stop", "web-1"},
+			check: func(t *testing.T, c *config) {
+				if string(c.params) != `{"timeout":"5s","retries":3}` {
+					t.Errorf("params = %s", c.params)
+				}
+			},
+		},
+		{
+			name: "environment fills the connection, flags win",
+			args: []string{"-user", "alice", "-id", "cmd-1", "start", "0f3c1e52-7a4b-4c8e-9d1a-2b6f5e4d3c21"},
+			env: map[string]string{
+				"VIRTBUS_NATS_URL": "nats://nats.internal:4222", "VIRTBUS_HOST": "hv7",
+				"VIRTBUS_NATS_USER": "bob", "VIRTBUS_NATS_PASSWORD": "secret", "VIRTBUS_NATS_TLS_CA": "/ca.pem",
+			},
+			check: func(t *testing.T, c *config) {
+				if c.conn.URL != "nats://nats.internal:4222" || c.conn.User != "alice" || c.conn.Password != "secret" || c.conn.TLSCA != "/ca.pem" {
+					t.Errorf("conn = %+v", c.conn)
+				}
+				if c.host != "hv7" || c.id != "cmd-1" {
+					t.Errorf("host %q id %q", c.host, c.id)
+				}
+			},
+		},
+		{
+			name: "load mode over -vms",
+			args: []string{"-count", "5", "-vms", "a, b,,c", "-concurrency", "2", "reboot", "mode=hard"},
+			check: func(t *testing.T, c *config) {
+				if c.count != 5 || c.concurrency != 2 || strings.Join(c.vms, ",") != "a,b,c" || string(c.params) != `{"mode":"hard"}` {
+					t.Errorf("got count %d conc %d vms %q params %s", c.count, c.concurrency, c.vms, c.params)
+				}
+				if c.id != "" {
+					t.Errorf("load mode without -id has a fixed id %q", c.id)
+				}
+			},
+		},
+		{
+			name: "load mode over the VM argument",
+			args: []string{"-count", "3", "start", "web-1"},
+			check: func(t *testing.T, c *config) {
+				if strings.Join(c.vms, ",") != "web-1" {
+					t.Errorf("vms = %q", c.vms)
+				}
+			},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c, err := parseArgs(tt.args, envFunc(tt.env), io.Discard)
+			if err != nil {
+				t.Fatalf("parseArgs: %v", err)
+			}
+			tt.check(t, c)
+		})
+	}
+}
+
+// Usage errors end the run before it connects anywhere: exit 2, and a
+// message saying what is wrong.
+func TestUsageErrors(t *testing.T) {
+	tests := []struct {
+		name string
+		args []string
+		want string // in stderr
+	}{
+		{"nothing", nil, "missing ACTION"},
+		{"no vm", []string{"stop"}, "missing VM"},
+		{"vm with a dot", []string{"stop", "web.example"}, "address it by its UUID"},
+		{"vm with a space", []string{"stop", "my vm"}, "address it by its UUID"},
+		{"vm wildcard", []string{"stop", "*"}, "address it by its UUID"},
+		{"vm full wildcard", []string{"stop", ">"}, "address it by its UUID"},
+		{"action with a dot", []string{"stop.now", "web-1"}, "action"},
+		{"param without =", []string{"stop", "web-1", "force"}, "not key=value"},
+		{"flag after the VM", []string{"stop", "web-1", "-json"}, "flags go before ACTION"},
+		{"param without key", []string{"stop", "web-1", "=x"}, "not key=value"},
+		{"param twice", []string{"stop", "web-1", "mode=force", "mode=graceful"}, "given twice"},
+		{"params and key=value", []string{"-params", `{"a":1}`, "stop", "web-1", "mode=force"}, "cannot be combined"},
+		{"params not an object", []string{"-params", `[1,2]`, "stop", "web-1"}, "one JSON object"},
+		{"params null", []string{"-params", `null`, "stop", "web-1"}, "one JSON object"},
+		{"params broken", []string{"-params", `{"a":`, "stop", "web-1"}, "one JSON object"},
+		{"unknown flag", []string{"-bogus", "stop", "web-1"}, "flag provided but not defined"},
+		{"bad duration", []string{"-timeout", "soon", "stop", "web-1"}, "invalid value"},
+		{"zero timeout", []string{"-timeout", "0s", "stop", "web-1"}, "-timeout must be positive"},
+		{"id with a space", []string{"-id", "a b", "stop", "web-1"}, "-id"},
+		{"bad host", []string{"-host", "hv1.example", "stop", "web-1"}, "host"},
+		{"vms without count", []string{"-vms", "a,b", "stop"}, "give -count too"},
+		{"negative count", []string{"-count", "-1", "stop", "web-1"}, "-count"},
+		{"zero concurrency", []string{"-count", "2", "-concurrency", "0", "stop", "web-1"}, "-concurrency"},
+		{"vms and a VM", []string{"-count", "2", "-vms", "a,b", "stop", "web-1"}, "not both"},
+		{"vms empty", []string{"-count", "2", "-vms", ",", "stop"}, "names no VM"},
+		{"vms bad token", []string{"-count", "2", "-vms", "a,b.c", "stop"}, "UUID"},
+	}
+	env := envFunc(map[string]string{"VIRTBUS_HOST": "hv1", "VIRTBUS_NATS_URL": "nats://127.0.0.1:1"})
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var stdout, stderr bytes.Buffer
+			code := exitCode(run(context.Background(), tt.args, env, &stdout, &stderr), &stderr)
+			if code != exitUsage {
+				t.Errorf("exit %d, want %d; stderr: %s", code, exitUsage, stderr.String())
+			}
+			if !strings.Contains(stderr.String(), tt.want) {
+				t.Errorf("stderr does not say %q:\n%s", tt.want, stderr.String())
+			}
+			if stdout.Len() != 0 {
+				t.Errorf("stdout not empty: %s", stdout.String())
+			}
+		})
+	}
+}
+
+func TestHelp(t *testing.T) {
+	var stdout, stderr bytes.Buffer
+	err := run(context.Background(), []string{"-h"}, envFunc(map[string]string{"VIRTBUS_NATS_PASSWORD": "hunter2"}), &stdout, &stderr)
+	if code := exitCode(err, &stderr); code != exitOK {
+		t.Fatalf("exit %d", code)
+	}
+	for _, want := range []string{"ACTION VM [key=value ...]", "true\n             and false become booleans", "-count", "Exit status"} {
+		if !strings.Contains(stderr.String(), want) {
+			t.Errorf("usage lacks %q", want)
+		}
+	}
+	if strings.Contains(stderr.String(), "hunter2") {
+		t.Error("usage prints a password from the environment")
+	}
+}
+
+func TestSubjectSafe(t *testing.T) {
+	for in, want := range map[string]string{
+		"hv1":             "hv1",
+		"HV1.Example.com": "hv1-example-com",
+		"node_7-b":        "node_7-b",
+		"h v*>x":          "h-v--x",
+		"Ünïcode":         "-n-code",
+	} {
+		got := subjectSafe(in)
+		if got != want {
+			t.Errorf("subjectSafe(%q) = %q, want %q", in, got, want)
+		}
+		if !bus.ValidToken(got) {
+			t.Errorf("subjectSafe(%q) = %q is not a valid token", in, got)
+		}
+	}
+}
+
+func TestFormatCompletion(t *testing.T) {
+	tests := []struct {
+		c    bus.Completion
+		want string
+	}{
+		{
+			bus.Completion{Action: "stop", VM: "web-1", Status: "ok", Changed: true, State: "shutoff",
+				Detail: map[string]any{"forced": true, "method": "acpi then destroy"}, DurationMS: 61003.2},
+			`ok    stop web-1 changed=true state=shutoff 61003ms detail: forced=true method="acpi then destroy"`,
+		},
+		{
+			bus.Completion{Action: "start", VM: "web-1", Status: "ok", State: "running", DurationMS: 0.4, Attempt: 2},
+			`ok    start web-1 changed=false state=running 0ms attempt=2`,
+		},
+		{
+			bus.Completion{Action: "stop", VM: "web-1", Status: "error", Error: &bus.Error{Code: "not_found", Message: `domain "web-1" not found`}},
+			`error stop web-1 code=not_found: domain "web-1" not found`,
+		},
+	}
+	for _, tt := range tests {
+		if got := formatCompletion(&tt.c); got != tt.want {
+			t.Errorf("got  %s\nwant %s", got, tt.want)
+		}
+	}
+}
+
+func TestExitCode(t *testing.T) {
+	var stderr bytes.Buffer
+	for _, tt := range []struct {
+		err  error
+		want int
+	}{
+		{nil, 0},
+		{errors.New("boom"), 1},
+		{&exitError{code: exitTimeout, err: errors.New("late")}, 3},
+		{&exitError{code: exitFailed}, 1},
+	} {
+		if got := exitCode(tt.err, &stderr); got != tt.want {
+			t.Errorf("exitCode(%v) = %d, want %d", tt.err, got, tt.want)
+		}
+	}
+}
+
+func TestPercentile(t *testing.T) {
+	var d []time.Duration
+	for i := 1; i <= 100; i++ {
+		d = append(d, time.Duration(i)*time.Millisecond)
+	}
+	for p, want := range map[float64]time.Duration{50: 50 * time.Millisecond, 90: 90 * time.Millisecond, 99: 99 * time.Millisecond, 100: 100 * time.Millisecond} {
+		if got := percentile(d, p); got != want {
+			t.Errorf("p%v = %s, want %s", p, got, want)
+		}
+	}
+	if percentile(nil, 50) != 0 {
+		t.Error("empty")
+	}
+}
