@@ -135,7 +135,7 @@ func parseArgs(args []string, getenv func(string) string, stderr io.Writer) (*co
 		if err != nil {
 			return nil, fmt.Errorf("no -host and no VIRTBUS_HOST, and the hostname is unknown: %w", err)
 		}
-		c.host = subjectSafe(h)
+		c.host = bus.HostToken(h)
 	}
 	if !bus.ValidToken(c.host) {
 		return nil, usageErrorf("host %q is not a valid subject token", c.host)
@@ -252,19 +252,6 @@ func objectParams(raw string) (json.RawMessage, error) {
 		return nil, usageErrorf("-params must be one JSON object, like '{\"mode\":\"force\"}'")
 	}
 	return b, nil
-}
-
-// subjectSafe turns a hostname into a host id: lower case, and anything but
-// [a-z0-9_-] becomes '-', so "HV1.example.com" is "hv1-example-com".
-// It must agree with the worker's default for VIRTBUS_HOST.
-func subjectSafe(h string) string {
-	return strings.Map(func(r rune) rune {
-		r = unicode.ToLower(r)
-		if r >= 'a' && r <= 'z' || r >= '0' && r <= '9' || r == '_' || r == '-' {
-			return r
-		}
-		return '-'
-	}, h)
 }
 
 func validID(id string) bool {

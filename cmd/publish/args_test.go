@@ -200,12 +200,12 @@ func TestSubjectSafe(t *testing.T) {
 		"h v*>x":          "h-v--x",
 		"Ünïcode":         "-n-code",
 	} {
-		got := subjectSafe(in)
+		got := bus.HostToken(in)
 		if got != want {
-			t.Errorf("subjectSafe(%q) = %q, want %q", in, got, want)
+			t.Errorf("HostToken(%q) = %q, want %q", in, got, want)
 		}
 		if !bus.ValidToken(got) {
-			t.Errorf("subjectSafe(%q) = %q is not a valid token", in, got)
+			t.Errorf("HostToken(%q) = %q is not a valid token", in, got)
 		}
 	}
 }

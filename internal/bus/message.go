@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"strings"
 	"time"
+	"unicode"
 )
 
 // Subject prefixes and headers of the wire contract (DESIGN.md, "Subjects").
@@ -112,4 +113,18 @@ type Completion struct {
 	StartedAt  time.Time      `json:"started_at"`
 	FinishedAt time.Time      `json:"finished_at"`
 	DurationMS float64        `json:"duration_ms"`
+}
+
+// HostToken turns a hostname into a host id: lower case, and anything but
+// [a-z0-9_-] becomes '-', so "HV1.example.com" is "hv1-example-com".
+// The worker's default VIRTBUS_HOST and publish's default -host both come
+// from here, so the two always agree.
+func HostToken(h string) string {
+	return strings.Map(func(r rune) rune {
+		r = unicode.ToLower(r)
+		if r >= 'a' && r <= 'z' || r >= '0' && r <= '9' || r == '_' || r == '-' {
+			return r
+		}
+		return '-'
+	}, h)
 }

@@ -116,8 +116,12 @@ func (c *Conn) Up() bool {
 }
 
 // client waits for a connected client. While libvirtd is down callers wait
-// here; they fail with ErrUnavailable only when ctx ends first.
+// here, for up to the call timeout: a longer outage ends in ErrUnavailable,
+// which the worker retries with back-off rather than holding a command
+// (and its VM's queue) for good.
 func (c *Conn) client(ctx context.Context) (*libvirt.Libvirt, error) {
+	ctx, cancel := context.WithTimeoutCause(ctx, c.timeout, fmt.Errorf("libvirtd not reachable for %s", c.timeout))
+	defer cancel()
 	for {
 		c.mu.Lock()
 		l, ready := c.cur, c.ready

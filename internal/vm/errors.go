@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 
 	"github.com/digitalocean/go-libvirt"
 )
@@ -80,4 +81,16 @@ func classify(err error) error {
 	default:
 		return fmt.Errorf("%w: %v", ErrLibvirt, err)
 	}
+}
+
+// Message is err's text without the leading sentinel ("conflict: …"),
+// which the completion already carries as its code.
+func Message(err error) string {
+	msg := err.Error()
+	for _, s := range []error{ErrInvalid, ErrNotFound, ErrForbidden, ErrConflict, ErrTimeout, ErrLibvirt, ErrUnavailable} {
+		if errors.Is(err, s) {
+			return strings.TrimPrefix(msg, s.Error()+": ")
+		}
+	}
+	return msg
 }
