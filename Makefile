@@ -1,0 +1,38 @@
+# virtbus: the two commands a newcomer needs are `make demo` and `make test`.
+SHELL := /bin/bash
+export PATH := $(PATH):/usr/local/go/bin
+GO ?= go
+BIN := bin
+
+.PHONY: all build test demo vet fmt-check libvirt-up libvirt-down bench clean
+
+all: build
+
+build:
+	CGO_ENABLED=0 $(GO) build -o $(BIN)/ ./cmd/worker ./cmd/publish
+
+# Brings up libvirtd (idempotent; about a second when it is already up),
+# then vets and runs every test against it with the race detector.
+# CI=true turns any skipped integration test into a failure.
+test: libvirt-up fmt-check vet
+	CGO_ENABLED=1 $(GO) test -race -count=1 -timeout 20m ./...
+
+vet:
+	$(GO) vet ./...
+
+fmt-check:
+	@out=$$(gofmt -l cmd internal); if [[ -n $$out ]]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+
+# Runs the whole job on this machine: libvirtd, a demo domain, the worker on
+# an embedded NATS, every action through `publish`, then cleans up.
+demo: libvirt-up
+	scripts/demo.sh
+
+libvirt-up:
+	scripts/libvirt-up.sh
+
+libvirt-down:
+	scripts/libvirt-down.sh
+
+clean:
+	rm -rf $(BIN)
