@@ -17,11 +17,7 @@ func (e *Executor) attach(ctx context.Context, vm string, p AttachParams) (Resul
 	if err != nil {
 		return Result{}, err
 	}
-	dom, err := e.lookup(ctx, vm)
-	if err != nil {
-		return Result{}, err
-	}
-	st, err := e.state(ctx, dom)
+	dom, st, err := e.find(ctx, vm)
 	if err != nil {
 		return Result{}, err
 	}
@@ -97,11 +93,7 @@ func (e *Executor) attach(ctx context.Context, vm string, p AttachParams) (Resul
 // success, so it waits for the device-removed event, asks again a bounded
 // number of times, and fails with ErrTimeout when the disk is still there.
 func (e *Executor) detach(ctx context.Context, vm string, p DetachParams) (Result, error) {
-	dom, err := e.lookup(ctx, vm)
-	if err != nil {
-		return Result{}, err
-	}
-	st, err := e.state(ctx, dom)
+	dom, st, err := e.find(ctx, vm)
 	if err != nil {
 		return Result{}, err
 	}

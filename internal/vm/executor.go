@@ -119,6 +119,16 @@ func (e *Executor) lookup(ctx context.Context, vm string) (libvirt.Domain, error
 	return dom, err
 }
 
+// find looks the domain up and reads its state: where every action starts.
+func (e *Executor) find(ctx context.Context, vm string) (libvirt.Domain, libvirt.DomainState, error) {
+	dom, err := e.lookup(ctx, vm)
+	if err != nil {
+		return dom, 0, err
+	}
+	st, err := e.state(ctx, dom)
+	return dom, st, err
+}
+
 // parseUUID reads the 36-character form (or the bare 32 hex digits).
 func parseUUID(s string) (libvirt.UUID, bool) {
 	var u libvirt.UUID

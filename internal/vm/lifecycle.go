@@ -11,11 +11,7 @@ import (
 // start creates (boots) the domain. Already running is ok and unchanged; a
 // paused domain is resumed, since "start" means "make it run".
 func (e *Executor) start(ctx context.Context, vm string) (Result, error) {
-	dom, err := e.lookup(ctx, vm)
-	if err != nil {
-		return Result{}, err
-	}
-	st, err := e.state(ctx, dom)
+	dom, st, err := e.find(ctx, vm)
 	if err != nil {
 		return Result{}, err
 	}
@@ -52,11 +48,7 @@ func (e *Executor) start(ctx context.Context, vm string) (Result, error) {
 // ShutdownRetry (a guest still booting loses the first request), and
 // destroyed once the timeout has passed; or at once with mode=force.
 func (e *Executor) stop(ctx context.Context, vm string, p StopParams) (Result, error) {
-	dom, err := e.lookup(ctx, vm)
-	if err != nil {
-		return Result{}, err
-	}
-	st, err := e.state(ctx, dom)
+	dom, st, err := e.find(ctx, vm)
 	if err != nil {
 		return Result{}, err
 	}
@@ -146,11 +138,7 @@ func (e *Executor) destroy(ctx context.Context, dom libvirt.Domain) error {
 // again; when the guest does not go down in time it is hard-reset, and the
 // detail says so. hard: reset at once.
 func (e *Executor) reboot(ctx context.Context, vm string, p RebootParams) (Result, error) {
-	dom, err := e.lookup(ctx, vm)
-	if err != nil {
-		return Result{}, err
-	}
-	st, err := e.state(ctx, dom)
+	dom, st, err := e.find(ctx, vm)
 	if err != nil {
 		return Result{}, err
 	}
@@ -206,11 +194,7 @@ func (e *Executor) verifyRunning(ctx context.Context, dom libvirt.Domain, detail
 
 // status reports the state and the disks, changing nothing.
 func (e *Executor) status(ctx context.Context, vm string) (Result, error) {
-	dom, err := e.lookup(ctx, vm)
-	if err != nil {
-		return Result{}, err
-	}
-	st, err := e.state(ctx, dom)
+	dom, st, err := e.find(ctx, vm)
 	if err != nil {
 		return Result{}, err
 	}

@@ -14,13 +14,14 @@ import (
 // block device, so every path is resolved (symlinks followed) before it is
 // checked, and only regular files are allowed.
 type DiskRoots struct {
-	roots []string // absolute, symlinks resolved
+	roots   []string // absolute, symlinks resolved: what a path must resolve into
+	written []string // as configured: what a path may be spelled with
 }
 
 // NewDiskRoots resolves each root once, so that a root that is itself a
 // symlink (images on another volume) still matches the paths inside it.
 func NewDiskRoots(roots []string) (DiskRoots, error) {
-	var out []string
+	var out, written []string
 	for _, r := range roots {
 		if r == "" {
 			continue
@@ -33,11 +34,12 @@ func NewDiskRoots(roots []string) (DiskRoots, error) {
 			return DiskRoots{}, fmt.Errorf("disk root %s: %w", r, err)
 		}
 		out = append(out, resolved)
+		written = append(written, filepath.Clean(r))
 	}
 	if len(out) == 0 {
 		return DiskRoots{}, errors.New("no disk roots configured")
 	}
-	return DiskRoots{roots: out}, nil
+	return DiskRoots{roots: out, written: written}, nil
 }
 
 // Resolve returns the real path of p if it is a regular file inside one of
@@ -47,7 +49,7 @@ func (d DiskRoots) Resolve(p string) (string, error) {
 	if !filepath.IsAbs(p) {
 		return "", fmt.Errorf("%w: disk path %q is not absolute", ErrInvalid, p)
 	}
-	if !d.contains(filepath.Clean(p)) {
+	if clean := filepath.Clean(p); !within(d.written, clean) && !within(d.roots, clean) {
 		return "", fmt.Errorf("%w: disk path %s is outside the disk roots %s", ErrForbidden, p, d)
 	}
 	real, err := filepath.EvalSymlinks(p)
@@ -57,7 +59,7 @@ func (d DiskRoots) Resolve(p string) (string, error) {
 	if err != nil {
 		return "", fmt.Errorf("%w: resolve disk path %s: %v", ErrInvalid, p, err)
 	}
-	if !d.contains(real) {
+	if !within(d.roots, real) {
 		return "", fmt.Errorf("%w: disk path %s resolves to %s, outside the disk roots %s", ErrForbidden, p, real, d)
 	}
 	fi, err := os.Stat(real)
@@ -70,8 +72,9 @@ func (d DiskRoots) Resolve(p string) (string, error) {
 	return real, nil
 }
 
-func (d DiskRoots) contains(p string) bool {
-	for _, r := range d.roots {
+// within reports whether p lies strictly inside one of roots.
+func within(roots []string, p string) bool {
+	for _, r := range roots {
 		rel, err := filepath.Rel(r, p)
 		if err == nil && rel != "." && rel != ".." && !strings.HasPrefix(rel, "../") {
 			return true
