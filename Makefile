@@ -28,6 +28,11 @@ fmt-check:
 demo: libvirt-up
 	scripts/demo.sh
 
+# Benchmarks against a baseline measured in the same run (direct go-libvirt
+# calls); prints a table of medians and ratios. COUNT=10 for more runs.
+bench: libvirt-up
+	scripts/bench.sh
+
 libvirt-up:
 	scripts/libvirt-up.sh
 

@@ -1,0 +1,124 @@
+package main
+
+import (
+	"context"
+	"reflect"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestConfigRefusesBadValues: a bad value stops the worker at start, before
+// it connects anywhere, with a message that names the variable.
+func TestConfigRefusesBadValues(t *testing.T) {
+	t.Parallel()
+	// Nothing listens here: a value that slipped through would leave the
+	// worker waiting for NATS until the context below ends.
+	base := env{
+		"VIRTBUS_NATS_URL":  "nats://" + freeAddr(t),
+		"VIRTBUS_HOST":      "hv1",
+		"VIRTBUS_HTTP_ADDR": "off",
+		"VIRTBUS_STATE_DIR": t.TempDir(),
+	}
+	tests := []struct {
+		key, value string
+		want       string // besides the variable's name
+	}{
+		{"VIRTBUS_QUEUE_SIZE", "abc", "not a whole number"},
+		{"VIRTBUS_QUEUE_SIZE", "0", "at least 1"},
+		{"VIRTBUS_DELIVERY", "x", "want jetstream or core"},
+		{"VIRTBUS_CONCURRENCY", "four", "not a whole number"},
+		{"VIRTBUS_CONCURRENCY", "0", "between 1 and"},
+		{"VIRTBUS_CONCURRENCY", "65", "between 1 and"}, // more than the default queue size
+		{"VIRTBUS_MAX_DELIVER", "0", "at least 1"},
+		{"VIRTBUS_LIBVIRT_TIMEOUT", "30", "missing unit"},
+		{"VIRTBUS_LIBVIRT_TIMEOUT", "-1s", "must be positive"},
+		{"VIRTBUS_HOST", "hv1.example.com", "not a subject token"},
+		{"VIRTBUS_LOG_LEVEL", "loud", "want debug, info, warn or error"},
+		{"VIRTBUS_LOG_FORMAT", "xml", "want text or json"},
+		{"VIRTBUS_DISK_ROOTS", " , ", "empty"},
+		{"VIRTBUS_DISK_ROOTS", "images", "not an absolute path"},
+		{"VIRTBUS_DISK_ROOTS", "/nonexistent/virtbus-images", "no such file"},
+		{"VIRTBUS_HTTP_ADDR", "not-an-address", "missing port"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.key+"="+tt.value, func(t *testing.T) {
+			t.Parallel()
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			var stdout, stderr syncBuffer
+			err := run(ctx, nil, base.with(tt.key, tt.value).getenv, &stdout, &stderr)
+			if err == nil {
+				t.Fatalf("run started with %s=%q (ended only by the test's deadline)\nstderr: %s", tt.key, tt.value, stderr.String())
+			}
+			if msg := err.Error(); !strings.Contains(msg, tt.key) || !strings.Contains(msg, tt.want) {
+				t.Errorf("run with %s=%q: error %q, want it to name %s and say %q", tt.key, tt.value, msg, tt.key, tt.want)
+			}
+			if ctx.Err() != nil {
+				t.Errorf("run with %s=%q failed only after the test's deadline", tt.key, tt.value)
+			}
+		})
+	}
+}
+
+// TestUsageListsEveryVariable: `worker -h` prints every variable the worker
+// reads with its default, and starts nothing.
+func TestUsageListsEveryVariable(t *testing.T) {
+	t.Parallel()
+	var stdout, stderr syncBuffer
+	getenv := func(k string) string {
+		t.Errorf("-h read %s from the environment", k)
+		return ""
+	}
+	if err := run(t.Context(), []string{"-h"}, getenv, &stdout, &stderr); err != nil {
+		t.Fatalf("worker -h: %v", err)
+	}
+	out := stdout.String() + stderr.String()
+	lines := strings.Split(out, "\n")
+	ct := reflect.TypeFor[config]()
+	if ct.NumField() < 20 {
+		t.Fatalf("config has %d fields; DESIGN.md lists 20 variables", ct.NumField())
+	}
+	for i := range ct.NumField() {
+		f := ct.Field(i)
+		key := "VIRTBUS_" + f.Tag.Get("envconfig")
+		def := f.Tag.Get("default")
+		line := slices.IndexFunc(lines, func(l string) bool { return strings.HasPrefix(l, key+" ") })
+		if line < 0 {
+			t.Errorf("-h does not list %s\n%s", key, out)
+			continue
+		}
+		if def != "" && !strings.Contains(lines[line], " "+def+" ") {
+			t.Errorf("-h line of %s does not show its default %q: %q", key, def, lines[line])
+		}
+	}
+	// Every variable DESIGN.md names, whatever the struct says.
+	for _, key := range []string{"HOST", "NATS_URL", "NATS_CREDS", "NATS_USER", "NATS_PASSWORD", "NATS_TOKEN",
+		"NATS_TLS_CA", "NATS_TLS_CERT", "NATS_TLS_KEY", "DELIVERY", "STATE_DIR", "LIBVIRT_URI", "LIBVIRT_SOCKET",
+		"LIBVIRT_TIMEOUT", "QUEUE_SIZE", "CONCURRENCY", "MAX_DELIVER", "DISK_ROOTS", "HTTP_ADDR", "LOG_LEVEL", "LOG_FORMAT"} {
+		if !strings.Contains(out, "VIRTBUS_"+key+" ") {
+			t.Errorf("-h does not list VIRTBUS_%s", key)
+		}
+	}
+}
+
+// TestArgumentsRefused: the worker takes no arguments and no unknown
+// flags; it says where its configuration goes instead.
+func TestArgumentsRefused(t *testing.T) {
+	t.Parallel()
+	for _, args := range [][]string{{"start"}, {"-queue-size", "8"}} {
+		var stdout, stderr syncBuffer
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		err := run(ctx, args, func(string) string { return "" }, &stdout, &stderr)
+		cancel()
+		if err == nil {
+			t.Errorf("worker %q: run returned nil", args)
+		}
+	}
+	var stdout, stderr syncBuffer
+	err := run(t.Context(), []string{"start"}, func(string) string { return "" }, &stdout, &stderr)
+	if err == nil || !strings.Contains(err.Error(), "VIRTBUS_") {
+		t.Errorf("worker start: error %v, want it to point at the VIRTBUS_* variables", err)
+	}
+}

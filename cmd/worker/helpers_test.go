@@ -1,0 +1,593 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/virtbus/virtbus/internal/bus"
+	"github.com/virtbus/virtbus/internal/testbed"
+)
+
+// waitTimeout bounds every wait for an outcome. It only turns a hang into a
+// readable failure; nothing is asserted about how long anything takes.
+const waitTimeout = 60 * time.Second
+
+// binDir holds the worker and publish binaries, built once per test run
+// for the tests that need real processes (exec publish, SIGKILL a worker).
+var (
+	binDir    string
+	buildOnce sync.Once
+	buildErr  error
+)
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "virtbus-worker-test-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "make binary dir:", err)
+		os.Exit(1)
+	}
+	binDir = dir
+	code := m.Run()
+	_ = os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// binary returns the path of the built worker or publish command. The build
+// runs on first use, so a run of only the configuration tests skips it.
+func binary(t *testing.T, name string) string {
+	t.Helper()
+	buildOnce.Do(func() {
+		// go test puts its own GOROOT/bin first in PATH.
+		goTool, err := exec.LookPath("go")
+		if err != nil {
+			buildErr = fmt.Errorf("find the go tool: %w", err)
+			return
+		}
+		cmd := exec.Command(goTool, "build", "-o", binDir+string(os.PathSeparator),
+			"github.com/virtbus/virtbus/cmd/worker", "github.com/virtbus/virtbus/cmd/publish")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
+		}
+	})
+	if buildErr != nil {
+		t.Fatal(buildErr)
+	}
+	return filepath.Join(binDir, name)
+}
+
+// syncBuffer is a bytes.Buffer safe for the worker's goroutines to write
+// while the test reads it.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// startNATS runs an embedded NATS server with JetStream for one test, the
+// same one the worker starts when it has no VIRTBUS_NATS_URL.
+func startNATS(t *testing.T) *server.Server {
+	t.Helper()
+	s, err := bus.RunEmbedded(t.TempDir(), "127.0.0.1", -1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		s.Shutdown()
+		s.WaitForShutdown()
+	})
+	return s
+}
+
+func connect(t *testing.T, url string) *nats.Conn {
+	t.Helper()
+	nc, err := nats.Connect(url, nats.Name("virtbus-worker-test"))
+	if err != nil {
+		t.Fatalf("connect %s: %v", url, err)
+	}
+	t.Cleanup(nc.Close)
+	return nc
+}
+
+func jsFor(t *testing.T, nc *nats.Conn) jetstream.JetStream {
+	t.Helper()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return js
+}
+
+// freeAddr picks a free loopback port for VIRTBUS_HTTP_ADDR, which takes a
+// fixed address (the worker does not report the port of ":0").
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	if err := ln.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return addr
+}
+
+// env is a worker's environment: getenv for an in-process run, list for a
+// subprocess.
+type env map[string]string
+
+func (e env) getenv(k string) string { return e[k] }
+
+func (e env) with(kv ...string) env {
+	out := make(env, len(e)+len(kv)/2)
+	for k, v := range e {
+		out[k] = v
+	}
+	for i := 0; i+1 < len(kv); i += 2 {
+		out[kv[i]] = kv[i+1]
+	}
+	return out
+}
+
+// list is the environment of a subprocess: these variables and PATH only,
+// so nothing of the test runner's VIRTBUS_* leaks in.
+func (e env) list() []string {
+	out := []string{"PATH=" + os.Getenv("PATH")}
+	for k, v := range e {
+		out = append(out, k+"="+v)
+	}
+	slices.Sort(out)
+	return out
+}
+
+// workerEnv is the environment of a worker for host on the NATS server at
+// url, against the test bed's libvirtd, with its HTTP API on a free port.
+func workerEnv(t *testing.T, url, host string) env {
+	t.Helper()
+	return env{
+		"VIRTBUS_NATS_URL":       url,
+		"VIRTBUS_HOST":           host,
+		"VIRTBUS_HTTP_ADDR":      freeAddr(t),
+		"VIRTBUS_LIBVIRT_SOCKET": testbed.Socket(),
+		"VIRTBUS_DISK_ROOTS":     testbed.ImageRoot(),
+		"VIRTBUS_STATE_DIR":      t.TempDir(),
+		"VIRTBUS_LOG_LEVEL":      "warn",
+	}
+}
+
+// hostID is a host id of the test's own.
+func hostID() string { return testbed.Name("hv") }
+
+// inProcess is a worker running through run in this process.
+type inProcess struct {
+	env    env
+	stdout *syncBuffer
+	stderr *syncBuffer
+	cancel context.CancelFunc
+	done   chan error
+
+	once sync.Once
+	err  error
+}
+
+// startWorker runs the worker in-process and waits until /readyz says it
+// is connected to NATS and libvirt. It is stopped when the test ends.
+func startWorker(t *testing.T, e env) *inProcess {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	w := &inProcess{env: e, stdout: &syncBuffer{}, stderr: &syncBuffer{}, cancel: cancel, done: make(chan error, 1)}
+	go func() { w.done <- run(ctx, nil, e.getenv, w.stdout, w.stderr) }()
+	t.Cleanup(func() {
+		if err := w.stop(t); err != nil {
+			t.Errorf("worker: run returned %v", err)
+		}
+		if t.Failed() {
+			t.Logf("worker log:\n%s", w.stderr)
+		}
+	})
+	waitReady(t, e["VIRTBUS_HTTP_ADDR"], func() error {
+		select {
+		case err := <-w.done:
+			w.once.Do(func() { w.err = err })
+			return fmt.Errorf("worker ended before it was ready: %v\n%s", err, w.stderr)
+		default:
+			return nil
+		}
+	})
+	return w
+}
+
+// stop cancels run's context, as SIGTERM does, and returns run's error.
+func (w *inProcess) stop(t *testing.T) error {
+	t.Helper()
+	w.once.Do(func() {
+		w.cancel()
+		select {
+		case w.err = <-w.done:
+		case <-time.After(waitTimeout):
+			t.Fatalf("worker did not return within %s of its context ending\n%s", waitTimeout, w.stderr)
+		}
+	})
+	return w.err
+}
+
+// process is a worker running as a real subprocess, so it can be killed.
+type process struct {
+	cmd    *exec.Cmd
+	output *syncBuffer
+	done   chan struct{}
+	err    error // Wait's, once done is closed
+}
+
+// startProcess starts the built worker with exactly the environment e. It
+// does not wait for readiness: a worker with a backlog may be busy at once.
+func startProcess(t *testing.T, e env) *process {
+	t.Helper()
+	p := &process{cmd: exec.Command(binary(t, "worker")), output: &syncBuffer{}, done: make(chan struct{})}
+	p.cmd.Env = e.list()
+	p.cmd.Stdout, p.cmd.Stderr = p.output, p.output
+	if err := p.cmd.Start(); err != nil {
+		t.Fatalf("start worker: %v", err)
+	}
+	go func() {
+		p.err = p.cmd.Wait()
+		close(p.done)
+	}()
+	t.Cleanup(func() {
+		select {
+		case <-p.done:
+		default:
+			_ = p.cmd.Process.Kill()
+			<-p.done
+		}
+		if t.Failed() {
+			t.Logf("worker process %d output:\n%s", p.cmd.Process.Pid, p.output)
+		}
+	})
+	return p
+}
+
+func (p *process) exited() error {
+	select {
+	case <-p.done:
+		return fmt.Errorf("worker process exited: %v\n%s", p.err, p.output)
+	default:
+		return nil
+	}
+}
+
+// signal sends sig and waits for the process to end; it returns Wait's
+// error.
+func (p *process) signal(t *testing.T, sig syscall.Signal) error {
+	t.Helper()
+	if err := p.cmd.Process.Signal(sig); err != nil {
+		t.Fatalf("signal %v to worker: %v", sig, err)
+	}
+	select {
+	case <-p.done:
+	case <-time.After(waitTimeout):
+		t.Fatalf("worker did not exit within %s of %v\n%s", waitTimeout, sig, p.output)
+	}
+	return p.err
+}
+
+// waitReady polls GET /readyz until it answers 200. failed ends the wait
+// early when the worker is gone.
+func waitReady(t *testing.T, addr string, failed func() error) {
+	t.Helper()
+	client := &http.Client{Timeout: 2 * time.Second}
+	deadline := time.Now().Add(waitTimeout)
+	for {
+		if err := failed(); err != nil {
+			t.Fatal(err)
+		}
+		resp, err := client.Get("http://" + addr + "/readyz")
+		if err == nil {
+			_, _ = io.Copy(io.Discard, resp.Body)
+			_ = resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("worker at %s not ready within %s (last: %v)", addr, waitTimeout, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// httpDo sends one request to the worker's HTTP API and returns the status
+// and body.
+func httpDo(t *testing.T, method, url string, header http.Header, body string) (int, string) {
+	t.Helper()
+	req, err := http.NewRequestWithContext(t.Context(), method, url, strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for k, v := range header {
+		req.Header[k] = v
+	}
+	resp, err := (&http.Client{Timeout: waitTimeout}).Do(req)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, url, err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatalf("%s %s: read body: %v", method, url, err)
+	}
+	return resp.StatusCode, string(b)
+}
+
+// metric returns the value of the sample named exactly series (name plus
+// labels as Prometheus prints them, e.g. `m{a="b"}`) in a /metrics page.
+func metric(page, series string) (float64, bool) {
+	sc := bufio.NewScanner(strings.NewReader(page))
+	for sc.Scan() {
+		name, value, ok := strings.Cut(sc.Text(), " ")
+		if !ok || name != series {
+			continue
+		}
+		v, err := strconv.ParseFloat(value, 64)
+		return v, err == nil
+	}
+	return 0, false
+}
+
+// pubResult is what one run of the publish binary did.
+type pubResult struct {
+	args   []string
+	code   int
+	stdout string
+	stderr string
+}
+
+// publish runs the publish binary with -json against the worker for host,
+// waiting for the completion unless args say otherwise.
+func publish(t *testing.T, url, host string, args ...string) pubResult {
+	t.Helper()
+	full := append([]string{"-url", url, "-host", host, "-json", "-timeout", "90s"}, args...)
+	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, binary(t, "publish"), full...)
+	cmd.Env = env{}.list()
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	r := pubResult{args: args}
+	if err := cmd.Run(); err != nil {
+		var ee *exec.ExitError
+		if !errors.As(err, &ee) {
+			t.Fatalf("publish %q: %v", args, err)
+		}
+		r.code = ee.ExitCode()
+	}
+	r.stdout, r.stderr = out.String(), errb.String()
+	return r
+}
+
+// completion decodes the completion publish printed, after checking its
+// exit code.
+func (r pubResult) completion(t *testing.T, wantCode int) bus.Completion {
+	t.Helper()
+	if r.code != wantCode {
+		t.Fatalf("publish %q exited %d, want %d\nstdout: %s\nstderr: %s", r.args, r.code, wantCode, r.stdout, r.stderr)
+	}
+	var c bus.Completion
+	if err := json.Unmarshal([]byte(r.stdout), &c); err != nil {
+		t.Fatalf("publish %q printed no completion: %v\nstdout: %s\nstderr: %s", r.args, err, r.stdout, r.stderr)
+	}
+	return c
+}
+
+// command publishes one command straight to JetStream, as any producer
+// would: id goes to Nats-Msg-Id, reply (if any) to Virtbus-Reply.
+func command(t *testing.T, js jetstream.JetStream, host, vm, action, id, body, reply string) *jetstream.PubAck {
+	t.Helper()
+	msg := nats.NewMsg(bus.CommandSubject(host, vm, action))
+	if id != "" {
+		msg.Header.Set(bus.HeaderMsgID, id)
+	}
+	if reply != "" {
+		msg.Header.Set(bus.HeaderReply, reply)
+	}
+	msg.Data = []byte(body)
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	defer cancel()
+	ack, err := js.PublishMsg(ctx, msg)
+	if err != nil {
+		t.Fatalf("publish %s %s (id %s): %v", action, vm, id, err)
+	}
+	return ack
+}
+
+// received is one completion as a subscriber saw it.
+type received struct {
+	bus.Completion
+	raw map[string]any // the whole message, to compare copies of a completion
+}
+
+// collector gathers every completion published to one subject, in arrival
+// order.
+type collector struct {
+	mu      sync.Mutex
+	all     []received
+	bad     []string
+	changed chan struct{} // closed and replaced on every arrival
+}
+
+// collect subscribes to subject (wildcards allowed) before anything is
+// published, and keeps what arrives until the test ends.
+func collect(t *testing.T, nc *nats.Conn, subject string) *collector {
+	t.Helper()
+	c := &collector{changed: make(chan struct{})}
+	sub, err := nc.Subscribe(subject, func(m *nats.Msg) {
+		var r received
+		errC := json.Unmarshal(m.Data, &r.Completion)
+		errR := json.Unmarshal(m.Data, &r.raw)
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		if errC != nil || errR != nil || r.ID == "" {
+			c.bad = append(c.bad, string(m.Data))
+		} else {
+			c.all = append(c.all, r)
+		}
+		close(c.changed)
+		c.changed = make(chan struct{})
+	})
+	if err != nil {
+		t.Fatalf("subscribe %s: %v", subject, err)
+	}
+	if err := sub.SetPendingLimits(-1, -1); err != nil {
+		t.Fatal(err)
+	}
+	// The server must know the subscription before the first command goes
+	// out, or a fast completion is missed.
+	if err := nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = sub.Unsubscribe()
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		for _, b := range c.bad {
+			t.Errorf("a message on %s is not a completion: %s", subject, b)
+		}
+	})
+	return c
+}
+
+func (c *collector) snapshot() []received {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return slices.Clone(c.all)
+}
+
+// waitFor waits until done holds for what has arrived, and returns that.
+func (c *collector) waitFor(t *testing.T, timeout time.Duration, what string, done func([]received) bool) []received {
+	t.Helper()
+	timer := time.NewTimer(timeout)
+	defer timer.Stop()
+	for {
+		c.mu.Lock()
+		got, changed := slices.Clone(c.all), c.changed
+		c.mu.Unlock()
+		if done(got) {
+			return got
+		}
+		select {
+		case <-changed:
+		case <-timer.C:
+			t.Fatalf("timed out after %s waiting for %s; %d completions arrived: %v", timeout, what, len(got), summary(got))
+		}
+	}
+}
+
+// waitIDs waits until every id has at least one completion.
+func (c *collector) waitIDs(t *testing.T, timeout time.Duration, ids ...string) []received {
+	t.Helper()
+	return c.waitFor(t, timeout, fmt.Sprintf("completions of %d commands", len(ids)), func(got []received) bool {
+		seen := distinctIDs(got)
+		for _, id := range ids {
+			if !seen[id] {
+				return false
+			}
+		}
+		return true
+	})
+}
+
+// waitID waits for the completion of id and returns its first copy.
+func (c *collector) waitID(t *testing.T, id string) received {
+	t.Helper()
+	for _, r := range c.waitIDs(t, waitTimeout, id) {
+		if r.ID == id {
+			return r
+		}
+	}
+	panic("unreachable")
+}
+
+func distinctIDs(got []received) map[string]bool {
+	seen := make(map[string]bool, len(got))
+	for _, r := range got {
+		seen[r.ID] = true
+	}
+	return seen
+}
+
+func summary(got []received) []string {
+	out := make([]string, 0, len(got))
+	for _, r := range got {
+		s := fmt.Sprintf("%s:%s/%s=%s", r.ID, r.VM, r.Action, r.Status)
+		if r.Error != nil {
+			s += "(" + r.Error.Code + ")"
+		}
+		out = append(out, s)
+	}
+	return out
+}
+
+// streamMsgs is how many commands the stream still holds (WorkQueue: not
+// yet acked).
+func streamMsgs(t *testing.T, js jetstream.JetStream) uint64 {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	defer cancel()
+	s, err := js.Stream(ctx, bus.StreamName)
+	if err != nil {
+		t.Fatalf("stream %s: %v", bus.StreamName, err)
+	}
+	info, err := s.Info(ctx)
+	if err != nil {
+		t.Fatalf("stream %s info: %v", bus.StreamName, err)
+	}
+	return info.State.Msgs
+}
+
+// waitStreamEmpty waits until every command in the stream has been acked.
+func waitStreamEmpty(t *testing.T, js jetstream.JetStream) {
+	t.Helper()
+	deadline := time.Now().Add(waitTimeout)
+	for {
+		n := streamMsgs(t, js)
+		if n == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("stream %s still holds %d commands after %s", bus.StreamName, n, waitTimeout)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
