@@ -20,8 +20,10 @@ func wantCompletion(t *testing.T, c bus.Completion, id, host, vmName, action str
 	if c.ID != id || c.Host != host || c.VM != vmName || c.Action != action {
 		t.Errorf("completion names id=%q host=%q vm=%q action=%q, want %q %q %q %q", c.ID, c.Host, c.VM, c.Action, id, host, vmName, action)
 	}
-	if c.Attempt != 1 {
-		t.Errorf("%s %s: attempt %d, want 1", action, vmName, c.Attempt)
+	// Not exactly 1: another package's test may restart libvirtd meanwhile,
+	// and a command that met the outage is retried, as it should be.
+	if c.Attempt < 1 {
+		t.Errorf("%s %s: attempt %d, want at least 1", action, vmName, c.Attempt)
 	}
 	if c.ReceivedAt.IsZero() || c.StartedAt.IsZero() || c.FinishedAt.Before(c.StartedAt) {
 		t.Errorf("%s %s: times received %s started %s finished %s", action, vmName, c.ReceivedAt, c.StartedAt, c.FinishedAt)
@@ -39,9 +41,9 @@ func wantOK(t *testing.T, c bus.Completion, changed bool, state string) {
 	}
 }
 
-func wantState(t *testing.T, l *libvirt.Libvirt, dom libvirt.Domain, want libvirt.DomainState) {
+func wantState(t *testing.T, lv *testbed.Live, dom libvirt.Domain, want libvirt.DomainState) {
 	t.Helper()
-	if got := testbed.State(t, l, dom); got != want {
+	if got := lv.State(dom); got != want {
 		t.Errorf("libvirt says %s is %s, want %s", dom.Name, vm.StateName(got), vm.StateName(want))
 	}
 }
@@ -51,10 +53,10 @@ func wantState(t *testing.T, l *libvirt.Libvirt, dom libvirt.Domain, want libvir
 // libvirt.
 func TestEveryActionThroughPublish(t *testing.T) {
 	t.Parallel()
-	l := testbed.Require(t)
+	lv := testbed.RequireLive(t)
 	srv := startNATS(t)
 	url, host := srv.ClientURL(), hostID()
-	dom := testbed.Domain(t, l, "actions", testbed.DomainOptions{})
+	dom := lv.Domain("actions", testbed.DomainOptions{})
 	img := testbed.DiskImage(t, 16)
 	startWorker(t, workerEnv(t, url, host))
 
@@ -70,7 +72,7 @@ func TestEveryActionThroughPublish(t *testing.T) {
 
 	c := send("start", dom.Name)
 	wantOK(t, c, true, "running")
-	wantState(t, l, dom, libvirt.DomainRunning)
+	wantState(t, lv, dom, libvirt.DomainRunning)
 
 	c = send("start", dom.Name)
 	wantOK(t, c, false, "running")
@@ -89,10 +91,10 @@ func TestEveryActionThroughPublish(t *testing.T) {
 	if !strings.HasPrefix(target, "sd") {
 		t.Fatalf("attach-disk detail %v: want an sd… target", c.Detail)
 	}
-	if got := testbed.Disks(t, l, dom, false)[target]; got != img {
+	if got := lv.Disks(dom, false)[target]; got != img {
 		t.Errorf("live %s is %q, want %s", target, got, img)
 	}
-	if got := testbed.Disks(t, l, dom, true)[target]; got != img {
+	if got := lv.Disks(dom, true)[target]; got != img {
 		t.Errorf("persistent %s is %q, want %s (persistent is the default)", target, got, img)
 	}
 
@@ -109,10 +111,10 @@ func TestEveryActionThroughPublish(t *testing.T) {
 
 	c = send("detach-disk", dom.Name, "target="+target)
 	wantOK(t, c, true, "running")
-	if _, ok := testbed.Disks(t, l, dom, false)[target]; ok {
+	if _, ok := lv.Disks(dom, false)[target]; ok {
 		t.Errorf("%s still in the live domain after detach-disk", target)
 	}
-	if _, ok := testbed.Disks(t, l, dom, true)[target]; ok {
+	if _, ok := lv.Disks(dom, true)[target]; ok {
 		t.Errorf("%s still in the config after detach-disk", target)
 	}
 
@@ -128,7 +130,7 @@ func TestEveryActionThroughPublish(t *testing.T) {
 	if c.Detail["fallback"] != true || c.Detail["method"] != "reset" {
 		t.Errorf("soft reboot of a guest that ignores ACPI: detail %v, want fallback=true method=reset", c.Detail)
 	}
-	wantState(t, l, dom, libvirt.DomainRunning)
+	wantState(t, lv, dom, libvirt.DomainRunning)
 
 	// Likewise a graceful stop ends in a destroy once its timeout passes.
 	c = send("stop", dom.Name, "timeout=1s")
@@ -136,7 +138,7 @@ func TestEveryActionThroughPublish(t *testing.T) {
 	if c.Detail["forced"] != true {
 		t.Errorf("graceful stop of a guest that ignores ACPI: detail %v, want forced=true", c.Detail)
 	}
-	wantState(t, l, dom, libvirt.DomainShutoff)
+	wantState(t, lv, dom, libvirt.DomainShutoff)
 
 	c = send("stop", dom.Name, "mode=force")
 	wantOK(t, c, false, "shutoff")
@@ -149,7 +151,7 @@ func TestEveryActionThroughPublish(t *testing.T) {
 		t.Errorf("start by UUID: completion vm %q, want %q", c.VM, uuid)
 	}
 	wantOK(t, c, true, "running")
-	wantState(t, l, dom, libvirt.DomainRunning)
+	wantState(t, lv, dom, libvirt.DomainRunning)
 }
 
 // TestErrorsThroughPublish: every way a command can be wrong ends in one
@@ -157,10 +159,10 @@ func TestEveryActionThroughPublish(t *testing.T) {
 // left alone.
 func TestErrorsThroughPublish(t *testing.T) {
 	t.Parallel()
-	l := testbed.Require(t)
+	lv := testbed.RequireLive(t)
 	srv := startNATS(t)
 	url, host := srv.ClientURL(), hostID()
-	dom := testbed.Domain(t, l, "errors", testbed.DomainOptions{})
+	dom := lv.Domain("errors", testbed.DomainOptions{})
 	startWorker(t, workerEnv(t, url, host))
 	missing := testbed.Name("missing")
 
@@ -219,8 +221,8 @@ func TestErrorsThroughPublish(t *testing.T) {
 		}
 	}
 
-	wantState(t, l, dom, libvirt.DomainShutoff)
-	if disks := testbed.Disks(t, l, dom, true); len(disks) != 0 {
+	wantState(t, lv, dom, libvirt.DomainShutoff)
+	if disks := lv.Disks(dom, true); len(disks) != 0 {
 		t.Errorf("the failed commands left disks on %s: %v", dom.Name, disks)
 	}
 }
@@ -231,12 +233,12 @@ func TestErrorsThroughPublish(t *testing.T) {
 // before it left.
 func TestPerVMOrderWithConcurrency(t *testing.T) {
 	t.Parallel()
-	l := testbed.Require(t)
+	lv := testbed.RequireLive(t)
 	srv := startNATS(t)
 	url, host := srv.ClientURL(), hostID()
 	var doms []libvirt.Domain
 	for range 4 {
-		doms = append(doms, testbed.Domain(t, l, "order", testbed.DomainOptions{}))
+		doms = append(doms, lv.Domain("order", testbed.DomainOptions{}))
 	}
 	startWorker(t, workerEnv(t, url, host).with("VIRTBUS_CONCURRENCY", "4"))
 
@@ -294,7 +296,7 @@ func TestPerVMOrderWithConcurrency(t *testing.T) {
 				t.Errorf("%s: %s started at %s, before %s finished at %s", d.Name, r.ID, r.StartedAt, rs[k-1].ID, rs[k-1].FinishedAt)
 			}
 		}
-		wantState(t, l, d, libvirt.DomainShutoff)
+		wantState(t, lv, d, libvirt.DomainShutoff)
 	}
 
 	// Concurrency 4 is in effect: commands of different VMs overlapped.
@@ -315,10 +317,10 @@ func TestPerVMOrderWithConcurrency(t *testing.T) {
 // and after the command ran, runs once and is answered once.
 func TestDuplicateMsgIDRunsOnce(t *testing.T) {
 	t.Parallel()
-	l := testbed.Require(t)
+	lv := testbed.RequireLive(t)
 	srv := startNATS(t)
 	url, host := srv.ClientURL(), hostID()
-	dom := testbed.Domain(t, l, "dup", testbed.DomainOptions{})
+	dom := lv.Domain("dup", testbed.DomainOptions{})
 	e := workerEnv(t, url, host)
 	startWorker(t, e)
 	nc := connect(t, url)
@@ -366,21 +368,24 @@ func TestDuplicateMsgIDRunsOnce(t *testing.T) {
 	if n != 1 {
 		t.Errorf("dup-1 completed %d times, want once", n)
 	}
-	_, page := httpDo(t, "GET", "http://"+e["VIRTBUS_HTTP_ADDR"]+"/metrics", nil, "")
-	if v, _ := metric(page, `virtbus_commands_received_total{action="start"}`); v != 1 {
-		t.Errorf("virtbus_commands_received_total{action=\"start\"} = %v, want 1: the worker saw a copy", v)
-	}
-	wantState(t, l, dom, libvirt.DomainShutoff)
+	// The worker ran start once and never saw a copy: not run again, not
+	// answered again from its record. (The barrier's count moves last.)
+	waitMetrics(t, "http://"+e["VIRTBUS_HTTP_ADDR"]+"/metrics", map[string]float64{
+		`virtbus_commands_completed_total{action="stop",status="ok"}`:  1,
+		`virtbus_commands_completed_total{action="start",status="ok"}`: 1,
+		"virtbus_duplicates_suppressed_total":                          0,
+	})
+	wantState(t, lv, dom, libvirt.DomainShutoff)
 }
 
 // TestCoreModeAnswersPlainRequest: with VIRTBUS_DELIVERY=core a plain NATS
 // request (what `nats req` sends) gets the completion as its reply.
 func TestCoreModeAnswersPlainRequest(t *testing.T) {
 	t.Parallel()
-	l := testbed.Require(t)
+	lv := testbed.RequireLive(t)
 	srv := startNATS(t)
 	url, host := srv.ClientURL(), hostID()
-	dom := testbed.Domain(t, l, "core", testbed.DomainOptions{})
+	dom := lv.Domain("core", testbed.DomainOptions{})
 	startWorker(t, workerEnv(t, url, host).with("VIRTBUS_DELIVERY", "core"))
 	nc := connect(t, url)
 
@@ -397,17 +402,16 @@ func TestCoreModeAnswersPlainRequest(t *testing.T) {
 	}
 	wantCompletion(t, c, c.ID, host, dom.Name, "start")
 	wantOK(t, c, true, "running")
-	wantState(t, l, dom, libvirt.DomainRunning)
+	wantState(t, lv, dom, libvirt.DomainRunning)
 
 	// publish -core is the same request, with an id of its own.
 	c = publish(t, url, host, "-core", "-id", "core-stop", "stop", dom.Name, "mode=force").completion(t, 0)
 	wantCompletion(t, c, "core-stop", host, dom.Name, "stop")
 	wantOK(t, c, true, "shutoff")
-	wantState(t, l, dom, libvirt.DomainShutoff)
+	wantState(t, lv, dom, libvirt.DomainShutoff)
 
 	c = publish(t, url, host, "-core", "stop", dom.Name, "mode=upside-down").completion(t, 1)
 	if c.Error == nil || c.Error.Code != bus.CodeInvalid {
 		t.Errorf("core bad parameter: error %+v, want invalid", c.Error)
 	}
 }
-

@@ -366,6 +366,30 @@ func metric(page, series string) (float64, bool) {
 	return 0, false
 }
 
+// waitMetrics polls a /metrics page until every series has its value, and
+// returns the last page.
+func waitMetrics(t *testing.T, url string, want map[string]float64) string {
+	t.Helper()
+	deadline := time.Now().Add(waitTimeout)
+	for {
+		_, page := httpDo(t, "GET", url, nil, "")
+		var wrong []string
+		for series, v := range want {
+			if got, ok := metric(page, series); !ok || got != v {
+				wrong = append(wrong, fmt.Sprintf("%s = %v (present %v), want %v", series, got, ok, v))
+			}
+		}
+		if len(wrong) == 0 {
+			return page
+		}
+		if time.Now().After(deadline) {
+			slices.Sort(wrong)
+			t.Fatalf("%s after %s:\n%s", url, waitTimeout, strings.Join(wrong, "\n"))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
 // pubResult is what one run of the publish binary did.
 type pubResult struct {
 	args   []string

@@ -1,0 +1,233 @@
+package testbed
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/digitalocean/go-libvirt"
+	"github.com/digitalocean/go-libvirt/socket/dialers"
+	"libvirt.org/go/libvirtxml"
+)
+
+// restartWait is how long Live waits for libvirtd to answer again.
+const restartWait = time.Minute
+
+// Live is a test's own connection to libvirtd that outlives a restart of
+// the daemon. `go test ./...` runs the packages' test binaries side by
+// side, and a test of one package may restart the test bed's libvirtd
+// (StopLibvirtd, StartLibvirtd) while another package's test is checking
+// its domains: a plain connection dies with the daemon, and every later
+// check on it fails although nothing the test looks at went wrong.
+type Live struct {
+	t  testing.TB
+	mu sync.Mutex
+	l  *libvirt.Libvirt
+}
+
+// RequireLive is Require (skip, or fail under CI=true, without libvirtd)
+// for a connection that reconnects. When the test bed's own libvirtd is
+// not answering, another test may be restarting it: that is waited for
+// before the test is given up.
+func RequireLive(t testing.TB) *Live {
+	t.Helper()
+	if _, err := os.Stat(filepath.Join(markDir(), "libvirtd")); err == nil {
+		if l, err := dialWithin(restartWait); err == nil {
+			t.Cleanup(func() { _ = l.Disconnect() })
+			return &Live{t: t, l: l}
+		}
+	}
+	return &Live{t: t, l: Require(t)}
+}
+
+// Conn returns a connected client; after the daemon went away it dials
+// again, for up to a minute. A client returned earlier may be dead: ask
+// again for every use.
+func (c *Live) Conn() *libvirt.Libvirt {
+	c.t.Helper()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.l.IsConnected() {
+		return c.l
+	}
+	l, err := dialWithin(restartWait)
+	if err != nil {
+		c.t.Fatalf("libvirtd did not come back within %s: %v", restartWait, err)
+	}
+	c.t.Cleanup(func() { _ = l.Disconnect() })
+	c.l = l
+	return l
+}
+
+// dialWithin connects to libvirtd, trying again until d has passed.
+func dialWithin(d time.Duration) (*libvirt.Libvirt, error) {
+	deadline := time.Now().Add(d)
+	for {
+		l := libvirt.NewWithDialer(dialers.NewLocal(dialers.WithSocket(Socket()), dialers.WithLocalTimeout(5*time.Second)))
+		err := l.ConnectToURI(libvirt.QEMUSystem)
+		if err == nil {
+			return l, nil
+		}
+		if time.Now().After(deadline) {
+			return nil, fmt.Errorf("connect to %s: %w", Socket(), err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// retry runs fn on a connected client, and again on a new one while it
+// fails in transport (the daemon went away) rather than with an error
+// libvirtd answered, which it returns.
+func (c *Live) retry(fn func(l *libvirt.Libvirt) error) error {
+	c.t.Helper()
+	deadline := time.Now().Add(restartWait)
+	for {
+		l := c.Conn()
+		err := fn(l)
+		if err == nil || !transportError(err) || time.Now().After(deadline) {
+			return err
+		}
+		// The client may not have noticed yet that its socket is gone.
+		_ = l.Disconnect()
+	}
+}
+
+// transportError tells a failed connection from an error libvirtd answered.
+func transportError(err error) bool {
+	var lerr libvirt.Error
+	return err != nil && !errors.As(err, &lerr)
+}
+
+func (c *Live) call(what string, fn func(l *libvirt.Libvirt) error) {
+	c.t.Helper()
+	if err := c.retry(fn); err != nil {
+		c.t.Fatalf("%s: %v", what, err)
+	}
+}
+
+// Domain is the package's Domain made across a restart of libvirtd: a
+// define or start cut off by the daemon going away is tried again on the
+// next connection, and the domain is removed at the end of the test
+// whatever happened meanwhile.
+func (c *Live) Domain(purpose string, o DomainOptions) libvirt.Domain {
+	c.t.Helper()
+	name := Name(purpose)
+	def := domainDef(name)
+	doc, err := def.Marshal()
+	if err != nil {
+		c.t.Fatalf("build domain XML: %v", err)
+	}
+	var dom libvirt.Domain
+	c.call("define test domain "+name, func(l *libvirt.Libvirt) error {
+		// A try cut off by a restart may have got through.
+		d, err := l.DomainLookupByName(name)
+		if err == nil {
+			dom = d
+			return nil
+		}
+		if !libvirt.IsNotFound(err) {
+			return err
+		}
+		if o.Transient {
+			dom, err = l.DomainCreateXML(doc, 0)
+		} else {
+			dom, err = l.DomainDefineXML(doc)
+		}
+		return err
+	})
+	c.t.Cleanup(func() { c.remove(dom) })
+	if o.Running && !o.Transient {
+		c.call("start test domain "+name, func(l *libvirt.Libvirt) error {
+			st, _, err := l.DomainGetState(dom, 0)
+			if err != nil || libvirt.DomainState(st) == libvirt.DomainRunning {
+				return err
+			}
+			return l.DomainCreate(dom)
+		})
+	}
+	return dom
+}
+
+// domainDef is the definition Domain makes: QEMU (TCG), no OS, ACPI for
+// virtio hot-plug, a virtio-scsi controller.
+func domainDef(name string) libvirtxml.Domain {
+	return libvirtxml.Domain{
+		Type:   "qemu",
+		Name:   name,
+		Memory: &libvirtxml.DomainMemory{Value: 64, Unit: "MiB"},
+		VCPU:   &libvirtxml.DomainVCPU{Value: 1},
+		OS: &libvirtxml.DomainOS{
+			Type: &libvirtxml.DomainOSType{Arch: "x86_64", Machine: "pc", Type: "hvm"},
+		},
+		Features: &libvirtxml.DomainFeatureList{ACPI: &libvirtxml.DomainFeature{}},
+		Devices: &libvirtxml.DomainDeviceList{
+			Controllers: []libvirtxml.DomainController{{Type: "scsi", Model: "virtio-scsi"}},
+		},
+	}
+}
+
+// remove destroys and undefines dom, tolerating that it is gone already.
+func (c *Live) remove(dom libvirt.Domain) {
+	c.t.Helper()
+	err := c.retry(func(l *libvirt.Libvirt) error {
+		st, _, err := l.DomainGetState(dom, 0)
+		if err != nil {
+			return err
+		}
+		if libvirt.DomainState(st) != libvirt.DomainShutoff {
+			if err := l.DomainDestroy(dom); transportError(err) {
+				return err
+			}
+		}
+		return l.DomainUndefine(dom)
+	})
+	if err != nil && !libvirt.IsNotFound(err) {
+		c.t.Errorf("clean up %s: %v", dom.Name, err)
+	}
+}
+
+// State is the package's State, made again across a restart.
+func (c *Live) State(dom libvirt.Domain) libvirt.DomainState {
+	c.t.Helper()
+	var st int32
+	c.call("state of "+dom.Name, func(l *libvirt.Libvirt) (err error) {
+		st, _, err = l.DomainGetState(dom, 0)
+		return err
+	})
+	return libvirt.DomainState(st)
+}
+
+// Disks is the package's Disks, read again across a restart.
+func (c *Live) Disks(dom libvirt.Domain, inactive bool) map[string]string {
+	c.t.Helper()
+	var flags libvirt.DomainXMLFlags
+	if inactive {
+		flags = libvirt.DomainXMLInactive
+	}
+	var doc string
+	c.call("XML of "+dom.Name, func(l *libvirt.Libvirt) (err error) {
+		doc, err = l.DomainGetXMLDesc(dom, flags)
+		return err
+	})
+	var def libvirtxml.Domain
+	if err := def.Unmarshal(doc); err != nil {
+		c.t.Fatalf("parse XML of %s: %v", dom.Name, err)
+	}
+	out := map[string]string{}
+	if def.Devices != nil {
+		for _, d := range def.Devices.Disks {
+			src := ""
+			if d.Source != nil && d.Source.File != nil {
+				src = d.Source.File.File
+			}
+			if d.Target != nil {
+				out[d.Target.Dev] = src
+			}
+		}
+	}
+	return out
+}
