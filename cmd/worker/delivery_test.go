@@ -143,8 +143,8 @@ func TestBacklogPublishedWhileNoWorkerRuns(t *testing.T) {
 // TestSIGKILLMidBacklog: a worker killed with SIGKILL in the middle of a
 // backlog, and started again, completes every command: the ones it had
 // answered are not run again with another outcome, the ones it held come
-// back once their ack wait (30s) expires, and each VM ends in the state
-// its last command asked for.
+// back first (not after their ack wait, behind later ones), and each VM
+// ends in the state its last command asked for.
 func TestSIGKILLMidBacklog(t *testing.T) {
 	t.Parallel()
 	lv := testbed.RequireLive(t)
@@ -154,9 +154,10 @@ func TestSIGKILLMidBacklog(t *testing.T) {
 	for range 3 {
 		doms = append(doms, lv.Domain("kill", testbed.DomainOptions{}))
 	}
-	// The backlog fits the FIFO (64 by default), so the first worker takes
-	// all of it at once and its held commands come back in stream order.
-	e := workerEnv(t, url, host).with("VIRTBUS_QUEUE_SIZE", "64")
+	// The backlog is deeper than the FIFO, so the killed worker held some
+	// commands while later ones still waited in the stream: the restarted
+	// worker must run the held ones first to keep each VM's order.
+	e := workerEnv(t, url, host).with("VIRTBUS_QUEUE_SIZE", "4")
 	createStream(t, e)
 
 	nc := connect(t, url)

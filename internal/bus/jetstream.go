@@ -63,6 +63,7 @@ func (w *Worker) runJetStream(ctx context.Context) error {
 	}
 	stopBeat()
 	beats.Wait()
+	w.markStopped()
 	// Naks are fire-and-forget: push them out before the caller closes the
 	// connection.
 	if w.nc.IsConnected() {
@@ -73,9 +74,22 @@ func (w *Worker) runJetStream(ctx context.Context) error {
 	return nil
 }
 
+// markStopped notes in the record bucket that this worker handed back
+// everything it held, so that the next one need not wait (see takeOver).
+func (w *Worker) markStopped() {
+	recs := w.records.Load()
+	if recs == nil || !w.nc.IsConnected() {
+		return
+	}
+	if err := recs.markStopped(context.Background(), time.Now()); err != nil {
+		w.log.Warn("recording the clean shutdown failed; the next start waits one ack wait", "err", err)
+	}
+}
+
 // setup creates or updates the stream, this host's consumer and the record
 // bucket. All three calls are idempotent, so setup is simply repeated after
 // an error that may mean the server lost them.
+
 func (w *Worker) setup(ctx context.Context, js jetstream.JetStream) (jetstream.Consumer, error) {
 	ctx, cancel := context.WithTimeout(ctx, setupTimeout)
 	defer cancel()
@@ -111,11 +125,43 @@ func (w *Worker) setup(ctx context.Context, js jetstream.JetStream) (jetstream.C
 	return cons, nil
 }
 
+// takeOver runs before the first fetch of a Run, while this worker holds
+// nothing. Commands the consumer still counts as pending were then either
+// handed back by a worker that shut down cleanly (they come back at once)
+// or taken by one that died (SIGKILL, power loss): those come back only
+// once their ack wait has passed, and fetching before that would run later
+// commands of the same VM first. So after a death takeOver waits until
+// then; the server then redelivers the held commands ahead of the newer
+// ones, in order, with their delivery counts intact (re-creating the
+// consumer would reset those, and with them the MaxDeliver guard against a
+// command that kills the worker every time).
+func (w *Worker) takeOver(ctx context.Context, cons jetstream.Consumer) {
+	info := cons.CachedInfo()
+	if info.NumAckPending == 0 || info.Delivered.Last == nil {
+		return
+	}
+	stopped, err := w.records.Load().stoppedAt(ctx)
+	if err != nil {
+		w.log.Warn("reading the last clean shutdown failed; assuming none", "err", err)
+	}
+	if !stopped.Before(*info.Delivered.Last) {
+		return // handed back at shutdown: already redeliverable
+	}
+	wait := time.Until(info.Delivered.Last.Add(info.Config.AckWait))
+	if wait <= 0 {
+		return
+	}
+	w.log.Warn("an earlier worker died holding commands; waiting for them to come back so each VM keeps its order",
+		"pending", info.NumAckPending, "wait", wait.Round(time.Millisecond))
+	sleep(ctx, wait)
+}
+
 // fetchLoop pulls as many messages as the FIFO has room for until ctx ends.
 // It outlives any NATS outage: errors mean back off and set up again.
 func (w *Worker) fetchLoop(ctx context.Context, js jetstream.JetStream) {
 	var (
 		cons       jetstream.Consumer
+		takeover   = true // until takeOver has looked once
 		reconnects uint64
 		// A server without JetStream fails setup for good: back off to
 		// one warning every half minute.
@@ -144,6 +190,10 @@ func (w *Worker) fetchLoop(ctx context.Context, js jetstream.JetStream) {
 				continue
 			}
 			setupDelay = time.Second
+			if takeover {
+				w.takeOver(ctx, cons)
+				takeover = false
+			}
 			w.ready.Store(true)
 			w.log.Info("consuming", "stream", StreamName, "consumer", ConsumerName(w.cfg.Host))
 		}

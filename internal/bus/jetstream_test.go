@@ -456,7 +456,10 @@ func TestDeliveriesBeyondMaxDeliverAnsweredWithoutRunning(t *testing.T) {
 	s := startServer(t, t.TempDir(), -1)
 	nc := connect(t, s.ClientURL())
 	js := jsFor(t, nc)
-	cfg := Config{MaxDeliver: 2}
+	// The naks below leave no clean-shutdown mark, so the second worker
+	// waits one ack wait for commands it must take to be deliverable: keep
+	// it short.
+	cfg := Config{MaxDeliver: 2, AckWait: 2 * time.Second}
 	c := newCalls()
 
 	// A first worker sets up the stream and consumer, then stops.

@@ -70,6 +70,34 @@ func (r *records) put(ctx context.Context, c Completion) error {
 	return nil
 }
 
+// stoppedKey holds when host's worker last shut down cleanly. Its three
+// tokens cannot clash with a record's two.
+func stoppedKey(host string) string { return keyPart(host) + ".worker.stopped" }
+
+func (r *records) markStopped(ctx context.Context, t time.Time) error {
+	ctx, cancel := context.WithTimeout(ctx, recordTimeout)
+	defer cancel()
+	if _, err := r.kv.PutString(ctx, stoppedKey(r.host), t.UTC().Format(time.RFC3339Nano)); err != nil {
+		return fmt.Errorf("record clean shutdown: %w", err)
+	}
+	return nil
+}
+
+// stoppedAt is when the worker last shut down cleanly; zero if never (or
+// longer ago than the bucket's TTL).
+func (r *records) stoppedAt(ctx context.Context) (time.Time, error) {
+	ctx, cancel := context.WithTimeout(ctx, recordTimeout)
+	defer cancel()
+	e, err := r.kv.Get(ctx, stoppedKey(r.host))
+	if errors.Is(err, jetstream.ErrKeyNotFound) {
+		return time.Time{}, nil
+	}
+	if err != nil {
+		return time.Time{}, fmt.Errorf("read clean shutdown: %w", err)
+	}
+	return time.Parse(time.RFC3339Nano, string(e.Value()))
+}
+
 // recordKey is "<host>.<id>", each part kept readable when it is made of
 // KV-safe characters and base64url-encoded (marked by a leading "=", which
 // plain parts never have) otherwise: command ids are chosen by publishers.
