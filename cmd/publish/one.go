@@ -50,11 +50,20 @@ func runOne(ctx context.Context, nc *nats.Conn, c *config, stdout, stderr io.Wri
 		return publishError(ctx, err, subject, c)
 	}
 	if ack.Duplicate {
-		fmt.Fprintf(stderr, "publish: note: the stream already had a command with id %s inside its duplicate window and dropped this one", c.id)
+		fmt.Fprintf(stderr, "publish: note: the stream already had a command with id %s inside its duplicate window and dropped this one\n", c.id)
 		if c.wait {
-			fmt.Fprint(stderr, "; the worker answers again only if it gets the first one again, so there may be no completion (exit 3 on timeout)")
+			// Nothing answers our inbox for a dropped copy; the first
+			// copy's completion is recorded once it has run.
+			comp, err := bus.AwaitCompletion(tctx, js, c.host, c.id)
+			if err == nil {
+				raw, _ := json.Marshal(comp)
+				return report(stdout, c.json, comp, raw)
+			}
+			if ctx.Err() != nil || tctx.Err() != nil {
+				return waitError(ctx, tctx.Err(), fmt.Sprintf("waiting for the recorded completion of %s (id %s)", subject, c.id), c.timeout)
+			}
+			fmt.Fprintf(stderr, "publish: the completion records are out of reach (%v); waiting on the reply subject\n", err)
 		}
-		fmt.Fprintln(stderr)
 	}
 	if !c.wait {
 		return printQueued(stdout, c, ack)

@@ -117,6 +117,17 @@ func (a *httpAPI) command(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusAccepted, map[string]any{"id": id, "seq": ack.Sequence, "duplicate": ack.Duplicate})
 		return
 	}
+	if ack.Duplicate {
+		// The stream dropped this copy, so nothing answers our inbox: the
+		// first copy's recorded completion is the answer.
+		c, err := bus.AwaitCompletion(ctx, js, a.host, id)
+		if err != nil {
+			writeJSON(w, http.StatusGatewayTimeout, map[string]string{"id": id, "error": fmt.Sprintf("duplicate of a command whose completion is not recorded within %s: %v", wait, err)})
+			return
+		}
+		writeJSON(w, http.StatusOK, c)
+		return
+	}
 	for {
 		m, err := sub.NextMsgWithContext(ctx)
 		if err != nil {

@@ -46,6 +46,12 @@ func TestHTTPAPI(t *testing.T) {
 	c := completion(httpDo(t, "POST", base+"/v1/vms/"+dom.Name+"/status?wait=10s", key, ""))
 	wantCompletion(t, c, "http-status-1", host, dom.Name, "status")
 	wantOK(t, c, false, "shutoff")
+	// A retried POST with the same key is dropped by the stream as a
+	// duplicate and answered with the first one's recorded completion.
+	again := completion(httpDo(t, "POST", base+"/v1/vms/"+dom.Name+"/status?wait=10s", key, ""))
+	if again.ID != c.ID || !again.StartedAt.Equal(c.StartedAt) {
+		t.Errorf("retried POST got %+v, want the first completion %+v", again, c)
+	}
 
 	c = completion(httpDo(t, "POST", base+"/v1/vms/"+dom.Name+"/start?wait=30s", nil, ""))
 	if c.ID == "" {

@@ -118,3 +118,26 @@ func keyPart(s string) string {
 	}
 	return s
 }
+
+// AwaitCompletion returns the recorded completion of command id on host,
+// looking again until it is there or ctx ends. It answers a publisher whose
+// command the stream dropped as a duplicate: no completion will reach that
+// publisher's reply subject, but the first copy's is recorded.
+func AwaitCompletion(ctx context.Context, js jetstream.JetStream, host, id string) (*Completion, error) {
+	kv, err := js.KeyValue(ctx, RecordBucket)
+	if err != nil {
+		return nil, fmt.Errorf("open completion records: %w", err)
+	}
+	r := &records{kv: kv, host: host}
+	for {
+		c, err := r.get(ctx, id)
+		if err != nil || c != nil {
+			return c, err
+		}
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("completion %s not recorded yet: %w", id, ctx.Err())
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}

@@ -103,14 +103,17 @@ func Domain(t testing.TB, l *libvirt.Libvirt, purpose string, o DomainOptions) l
 		dom, err = l.DomainCreateXML(doc, 0)
 	} else {
 		dom, err = l.DomainDefineXML(doc)
-		if err == nil && o.Running {
-			err = l.DomainCreate(dom)
-		}
 	}
 	if err != nil {
 		t.Fatalf("define test domain %s: %v", name, err)
 	}
+	// Registered before the start, so a failed start leaves nothing behind.
 	t.Cleanup(func() { Remove(t, l, dom) })
+	if o.Running && !o.Transient {
+		if err := l.DomainCreate(dom); err != nil {
+			t.Fatalf("start test domain %s: %v", name, err)
+		}
+	}
 	return dom
 }
 
