@@ -14,6 +14,7 @@ import (
 	"github.com/digitalocean/go-libvirt"
 	"github.com/virtbus/virtbus/internal/testbed"
 	"github.com/virtbus/virtbus/internal/vm"
+	"libvirt.org/go/libvirtxml"
 )
 
 // harness is an executor on a connection of its own, plus a plain go-libvirt
@@ -491,4 +492,39 @@ func mustSymlink(t *testing.T, target, link string) {
 func uuidOf(d libvirt.Domain) string {
 	u := d.UUID
 	return fmt.Sprintf("%x-%x-%x-%x-%x", u[0:4], u[4:6], u[6:8], u[8:10], u[10:16])
+}
+
+// bus, format and readonly reach libvirt as asked. The domain is shut off:
+// a SATA disk cannot be hot-plugged on the pc machine, and the image is raw
+// whatever the format says, which only matters once QEMU opens it.
+func TestAttachParametersReachTheConfig(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t)
+	dom := testbed.Domain(t, h.l, "attachparams", testbed.DomainOptions{})
+	img := testbed.DiskImage(t, 1)
+	res := h.ok(t, dom, vm.AttachDisk, `{"path":"`+img+`","bus":"sata","format":"qcow2","readonly":true}`, true, "shutoff")
+	if res.Detail["target"] != "sda" || res.Detail["bus"] != "sata" {
+		t.Fatalf("detail %v, want target sda on sata", res.Detail)
+	}
+	doc, err := h.l.DomainGetXMLDesc(dom, libvirt.DomainXMLInactive)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var def libvirtxml.Domain
+	if err := def.Unmarshal(doc); err != nil {
+		t.Fatal(err)
+	}
+	var found bool
+	for _, d := range def.Devices.Disks {
+		if d.Target == nil || d.Target.Dev != "sda" {
+			continue
+		}
+		found = true
+		if d.Target.Bus != "sata" || d.Driver == nil || d.Driver.Type != "qcow2" || d.ReadOnly == nil {
+			t.Errorf("sda in the config: bus %q, driver %+v, readonly %v; want sata, qcow2, readonly", d.Target.Bus, d.Driver, d.ReadOnly != nil)
+		}
+	}
+	if !found {
+		t.Fatalf("sda not in the config")
+	}
 }
