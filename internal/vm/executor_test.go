@@ -501,12 +501,33 @@ func TestAttachParametersReachTheConfig(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t)
 	dom := testbed.Domain(t, h.l, "attachparams", testbed.DomainOptions{})
-	img := testbed.DiskImage(t, 1)
-	res := h.ok(t, dom, vm.AttachDisk, `{"path":"`+img+`","bus":"sata","format":"qcow2","readonly":true}`, true, "shutoff")
-	if res.Detail["target"] != "sda" || res.Detail["bus"] != "sata" {
-		t.Fatalf("detail %v, want target sda on sata", res.Detail)
+	for _, c := range []struct {
+		params, target, bus, format string
+		readonly                    bool
+	}{
+		{`"bus":"sata","format":"qcow2"`, "sda", "sata", "qcow2", false},
+		{`"bus":"scsi","readonly":true`, "sdb", "scsi", "raw", true},
+		{`"target":"vdd"`, "vdd", "virtio", "raw", false},
+	} {
+		img := testbed.DiskImage(t, 1)
+		res := h.ok(t, dom, vm.AttachDisk, `{"path":"`+img+`",`+c.params+`}`, true, "shutoff")
+		if res.Detail["target"] != c.target {
+			t.Fatalf("%s: detail %v, want target %s", c.params, res.Detail, c.target)
+		}
+		d, ok := configDisk(t, h.l, dom, c.target)
+		if !ok {
+			t.Fatalf("%s: %s not in the config", c.params, c.target)
+		}
+		if d.Target.Bus != c.bus || d.Driver == nil || d.Driver.Type != c.format || (d.ReadOnly != nil) != c.readonly {
+			t.Errorf("%s: config has bus %q, driver %+v, readonly %v; want %s, %s, %v",
+				c.params, d.Target.Bus, d.Driver, d.ReadOnly != nil, c.bus, c.format, c.readonly)
+		}
 	}
-	doc, err := h.l.DomainGetXMLDesc(dom, libvirt.DomainXMLInactive)
+}
+
+func configDisk(t *testing.T, l *libvirt.Libvirt, dom libvirt.Domain, target string) (libvirtxml.DomainDisk, bool) {
+	t.Helper()
+	doc, err := l.DomainGetXMLDesc(dom, libvirt.DomainXMLInactive)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -514,17 +535,10 @@ func TestAttachParametersReachTheConfig(t *testing.T) {
 	if err := def.Unmarshal(doc); err != nil {
 		t.Fatal(err)
 	}
-	var found bool
 	for _, d := range def.Devices.Disks {
-		if d.Target == nil || d.Target.Dev != "sda" {
-			continue
-		}
-		found = true
-		if d.Target.Bus != "sata" || d.Driver == nil || d.Driver.Type != "qcow2" || d.ReadOnly == nil {
-			t.Errorf("sda in the config: bus %q, driver %+v, readonly %v; want sata, qcow2, readonly", d.Target.Bus, d.Driver, d.ReadOnly != nil)
+		if d.Target != nil && d.Target.Dev == target {
+			return d, true
 		}
 	}
-	if !found {
-		t.Fatalf("sda not in the config")
-	}
+	return libvirtxml.DomainDisk{}, false
 }
