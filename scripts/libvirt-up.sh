@@ -60,7 +60,15 @@ install -d -m 0755 /var/log/libvirt /var/log/libvirt/qemu /run/libvirt /var/lib/
 install -d -m 0711 /var/lib/libvirt/images
 mkdir -p "$MARK_DIR"
 
-running() { pgrep -x "$1" >/dev/null; }
+# A daemon that was stopped may linger as a zombie when nothing reaps it
+# (a container's init); that one is not running.
+running() {
+	local pid
+	for pid in $(pgrep -x "$1"); do
+		[[ $(awk '/^State:/ {print $2}' "/proc/$pid/status" 2>/dev/null) != Z ]] && return 0
+	done
+	return 1
+}
 
 if ! running virtlogd; then
 	log "starting virtlogd"

@@ -47,7 +47,7 @@ func StopLibvirtd(t testing.TB) {
 		t.Fatalf("stop libvirtd (pid %d): %v", pid, err)
 	}
 	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
-		if err := syscall.Kill(pid, 0); errors.Is(err, syscall.ESRCH) {
+		if !alive(pid) {
 			return
 		}
 	}
@@ -68,4 +68,22 @@ func StartLibvirtd(t testing.TB) {
 		}
 	}
 	t.Fatalf("libvirtd socket %s did not appear within 30s", Socket())
+}
+
+// alive reports whether pid runs: it exists and is not a zombie that
+// nothing reaped (a daemon's parent may be a container's init).
+func alive(pid int) bool {
+	if err := syscall.Kill(pid, 0); errors.Is(err, syscall.ESRCH) {
+		return false
+	}
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+	if err != nil {
+		return false
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if state, ok := strings.CutPrefix(line, "State:"); ok {
+			return !strings.HasPrefix(strings.TrimSpace(state), "Z")
+		}
+	}
+	return true
 }
