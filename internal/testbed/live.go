@@ -213,21 +213,9 @@ func (c *Live) Disks(dom libvirt.Domain, inactive bool) map[string]string {
 		doc, err = l.DomainGetXMLDesc(dom, flags)
 		return err
 	})
-	var def libvirtxml.Domain
-	if err := def.Unmarshal(doc); err != nil {
+	out, err := disksOf(doc)
+	if err != nil {
 		c.t.Fatalf("parse XML of %s: %v", dom.Name, err)
-	}
-	out := map[string]string{}
-	if def.Devices != nil {
-		for _, d := range def.Devices.Disks {
-			src := ""
-			if d.Source != nil && d.Source.File != nil {
-				src = d.Source.File.File
-			}
-			if d.Target != nil {
-				out[d.Target.Dev] = src
-			}
-		}
 	}
 	return out
 }

@@ -80,20 +80,7 @@ type DomainOptions struct {
 func Domain(t testing.TB, l *libvirt.Libvirt, purpose string, o DomainOptions) libvirt.Domain {
 	t.Helper()
 	name := Name(purpose)
-	def := libvirtxml.Domain{
-		Type:   "qemu",
-		Name:   name,
-		Memory: &libvirtxml.DomainMemory{Value: 64, Unit: "MiB"},
-		VCPU:   &libvirtxml.DomainVCPU{Value: 1},
-		OS: &libvirtxml.DomainOS{
-			Type: &libvirtxml.DomainOSType{Arch: "x86_64", Machine: "pc", Type: "hvm"},
-		},
-		// Virtio hot-plug needs ACPI.
-		Features: &libvirtxml.DomainFeatureList{ACPI: &libvirtxml.DomainFeature{}},
-		Devices: &libvirtxml.DomainDeviceList{
-			Controllers: []libvirtxml.DomainController{{Type: "scsi", Model: "virtio-scsi"}},
-		},
-	}
+	def := domainDef(name)
 	doc, err := def.Marshal()
 	if err != nil {
 		t.Fatalf("build domain XML: %v", err)
@@ -201,9 +188,18 @@ func Disks(t testing.TB, l *libvirt.Libvirt, dom libvirt.Domain, inactive bool) 
 	if err != nil {
 		t.Fatalf("XML of %s: %v", dom.Name, err)
 	}
+	out, err := disksOf(doc)
+	if err != nil {
+		t.Fatalf("parse XML of %s: %v", dom.Name, err)
+	}
+	return out
+}
+
+// disksOf maps target to source file of the disks in a domain XML.
+func disksOf(doc string) (map[string]string, error) {
 	var def libvirtxml.Domain
 	if err := def.Unmarshal(doc); err != nil {
-		t.Fatalf("parse XML of %s: %v", dom.Name, err)
+		return nil, err
 	}
 	out := map[string]string{}
 	if def.Devices != nil {
@@ -217,5 +213,5 @@ func Disks(t testing.TB, l *libvirt.Libvirt, dom libvirt.Domain, inactive bool) 
 			}
 		}
 	}
-	return out
+	return out, nil
 }
