@@ -2,6 +2,7 @@ package vm
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"path/filepath"
 	"time"
@@ -68,16 +69,15 @@ func (e *Executor) attach(ctx context.Context, vm string, p AttachParams) (Resul
 		return Result{}, fmt.Errorf("%w: build disk XML: %v", ErrInvalid, err)
 	}
 	flags := deviceFlags(live, persistent)
-	err = e.conn.call(ctx, fmt.Sprintf("attach disk %s to %s", src, vm), func(l *libvirt.Libvirt) error {
+	callErr := e.conn.call(ctx, fmt.Sprintf("attach disk %s to %s", src, vm), func(l *libvirt.Libvirt) error {
 		return l.DomainAttachDeviceFlags(dom, doc, flags)
 	})
-	if err != nil {
-		// A retried call may have attached it on its first try.
-		if after, xerr := e.domainXML(ctx, dom, 0); xerr != nil || !hasDisk(after, target, src) {
-			return Result{}, err
-		}
-	}
+	// The domain says whether it worked, even after an error: a call
+	// retried after a lost connection may have attached it on its first try.
 	after, err := e.domainXML(ctx, dom, 0)
+	if callErr != nil && (err != nil || !hasDisk(after, target, src)) {
+		return Result{}, callErr
+	}
 	if err != nil {
 		return Result{}, err
 	}
@@ -210,7 +210,7 @@ func (e *Executor) unplug(ctx context.Context, dom libvirt.Domain, d libvirtxml.
 			})
 			// A repeated request while QEMU still waits on the guest is
 			// refused ("already in the process of unplug"); that is fine.
-			if err != nil && asks == 1 && Code(err) != "unavailable" {
+			if err != nil && asks == 1 && !errors.Is(err, ErrUnavailable) {
 				events.close()
 				if gone, _ := e.diskGone(ctx, dom, target); gone {
 					return nil

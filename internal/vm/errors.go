@@ -21,28 +21,34 @@ var (
 	ErrUnavailable = errors.New("libvirt unavailable")
 )
 
+// codes maps each sentinel to its completion error code: the one place
+// Code, classify and Message take them from.
+var codes = []struct {
+	err  error
+	code string
+}{
+	{ErrInvalid, "invalid"},
+	{ErrNotFound, "not_found"},
+	{ErrForbidden, "forbidden"},
+	{ErrConflict, "conflict"},
+	{ErrTimeout, "timeout"},
+	{ErrLibvirt, "libvirt"},
+	{ErrUnavailable, "unavailable"},
+}
+
 // Code is the completion error code for err: one of invalid, not_found,
 // forbidden, conflict, timeout, libvirt, unavailable. Errors that carry none
 // of the sentinels count as libvirt errors.
 func Code(err error) string {
-	switch {
-	case err == nil:
+	if err == nil {
 		return ""
-	case errors.Is(err, ErrInvalid):
-		return "invalid"
-	case errors.Is(err, ErrNotFound):
-		return "not_found"
-	case errors.Is(err, ErrForbidden):
-		return "forbidden"
-	case errors.Is(err, ErrConflict):
-		return "conflict"
-	case errors.Is(err, ErrTimeout):
-		return "timeout"
-	case errors.Is(err, ErrUnavailable):
-		return "unavailable"
-	default:
-		return "libvirt"
 	}
+	for _, c := range codes {
+		if errors.Is(err, c.err) {
+			return c.code
+		}
+	}
+	return "libvirt"
 }
 
 // classify turns an error from a go-libvirt call into one that carries a
@@ -53,8 +59,8 @@ func classify(err error) error {
 	if err == nil {
 		return nil
 	}
-	for _, s := range []error{ErrInvalid, ErrNotFound, ErrForbidden, ErrConflict, ErrTimeout, ErrLibvirt, ErrUnavailable} {
-		if errors.Is(err, s) {
+	for _, c := range codes {
+		if errors.Is(err, c.err) {
 			return err
 		}
 	}
@@ -87,9 +93,9 @@ func classify(err error) error {
 // which the completion already carries as its code.
 func Message(err error) string {
 	msg := err.Error()
-	for _, s := range []error{ErrInvalid, ErrNotFound, ErrForbidden, ErrConflict, ErrTimeout, ErrLibvirt, ErrUnavailable} {
-		if errors.Is(err, s) {
-			return strings.TrimPrefix(msg, s.Error()+": ")
+	for _, c := range codes {
+		if errors.Is(err, c.err) {
+			return strings.TrimPrefix(msg, c.err.Error()+": ")
 		}
 	}
 	return msg

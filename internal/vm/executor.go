@@ -8,6 +8,7 @@ import (
 	"context"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"strings"
@@ -105,7 +106,7 @@ func (e *Executor) lookup(ctx context.Context, vm string) (libvirt.Domain, error
 		if err == nil {
 			return dom, nil
 		}
-		if Code(err) != "not_found" {
+		if !errors.Is(err, ErrNotFound) {
 			return dom, err
 		}
 	}
@@ -113,7 +114,7 @@ func (e *Executor) lookup(ctx context.Context, vm string) (libvirt.Domain, error
 		dom, err = l.DomainLookupByName(vm)
 		return err
 	})
-	if Code(err) == "not_found" {
+	if errors.Is(err, ErrNotFound) {
 		return dom, fmt.Errorf("%w: domain %q", ErrNotFound, vm)
 	}
 	return dom, err

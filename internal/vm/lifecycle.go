@@ -2,6 +2,7 @@ package vm
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
 
@@ -29,7 +30,7 @@ func (e *Executor) start(ctx context.Context, vm string) (Result, error) {
 	}
 	// A call repeated after a lost connection may find its own first try
 	// already done; the state below is what counts.
-	if err != nil && Code(err) != "conflict" {
+	if err != nil && !errors.Is(err, ErrConflict) {
 		return Result{}, err
 	}
 	if ok, werr := e.waitState(ctx, dom, libvirt.DomainRunning, 5*time.Second); werr != nil {
@@ -87,7 +88,7 @@ func (e *Executor) shutdown(ctx context.Context, dom libvirt.Domain, timeout tim
 			return l.DomainShutdownFlags(dom, libvirt.DomainShutdownAcpiPowerBtn)
 		})
 		// conflict: the domain went down between our look and the request.
-		if err != nil && Code(err) != "conflict" {
+		if err != nil && !errors.Is(err, ErrConflict) {
 			return false, err
 		}
 		left := time.Until(deadline)
@@ -109,7 +110,7 @@ func (e *Executor) shutdown(ctx context.Context, dom libvirt.Domain, timeout tim
 // way down counts as shut off.
 func (e *Executor) waitShutoff(ctx context.Context, dom libvirt.Domain, d time.Duration) (bool, error) {
 	ok, err := e.waitState(ctx, dom, libvirt.DomainShutoff, d)
-	if Code(err) == "not_found" {
+	if errors.Is(err, ErrNotFound) {
 		return true, nil
 	}
 	return ok, err
@@ -118,7 +119,7 @@ func (e *Executor) waitShutoff(ctx context.Context, dom libvirt.Domain, d time.D
 // destroy powers the domain off at once and verifies it.
 func (e *Executor) destroy(ctx context.Context, dom libvirt.Domain) error {
 	err := e.conn.call(ctx, "destroy "+dom.Name, func(l *libvirt.Libvirt) error { return l.DomainDestroy(dom) })
-	if err != nil && Code(err) != "conflict" && Code(err) != "not_found" {
+	if err != nil && !errors.Is(err, ErrConflict) && !errors.Is(err, ErrNotFound) {
 		return err
 	}
 	down, werr := e.waitShutoff(ctx, dom, 5*time.Second)
@@ -165,7 +166,7 @@ func (e *Executor) reboot(ctx context.Context, vm string, p RebootParams) (Resul
 		if down {
 			detail["method"] = "shutdown"
 			err = e.conn.call(ctx, "start "+vm, func(l *libvirt.Libvirt) error { return l.DomainCreate(dom) })
-			if err != nil && Code(err) != "conflict" {
+			if err != nil && !errors.Is(err, ErrConflict) {
 				return Result{}, err
 			}
 			return e.verifyRunning(ctx, dom, detail)
