@@ -41,6 +41,7 @@ type config struct {
 	MaxDeliver     int           `envconfig:"MAX_DELIVER" default:"5" desc:"deliveries of an unavailable command before its final error"`
 	DiskRoots      []string      `envconfig:"DISK_ROOTS" default:"/var/lib/libvirt/images" desc:"comma-separated directories disk images must resolve into"`
 	HTTPAddr       string        `envconfig:"HTTP_ADDR" default:"127.0.0.1:9480" desc:"metrics, health and HTTP API listen address; off: none"`
+	ReplyPrefixes  []string      `envconfig:"REPLY_PREFIXES" default:"_INBOX.,_INBOX_,virtbus.reply." desc:"comma-separated subject prefixes a Virtbus-Reply header must start with"`
 	LogLevel       string        `envconfig:"LOG_LEVEL" default:"info" desc:"debug, info, warn or error"`
 	LogFormat      string        `envconfig:"LOG_FORMAT" default:"text" desc:"text or json"`
 }
@@ -121,6 +122,9 @@ func (c config) check() error {
 		return fmt.Errorf("VIRTBUS_MAX_DELIVER=%d: must be at least 1", c.MaxDeliver)
 	case len(c.DiskRoots) == 0:
 		return fmt.Errorf("VIRTBUS_DISK_ROOTS is empty: name at least one directory")
+	}
+	if err := bus.CheckReplyPrefixes(c.ReplyPrefixes); err != nil {
+		return fmt.Errorf("VIRTBUS_REPLY_PREFIXES: %w", err)
 	}
 	if _, err := parseLevel(c.LogLevel); err != nil {
 		return err

@@ -84,6 +84,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		URL: natsURL, Name: "virtbus-worker-" + cfg.Host,
 		Creds: cfg.NATSCreds, User: cfg.NATSUser, Password: cfg.NATSPassword, Token: cfg.NATSToken,
 		TLSCA: cfg.NATSTLSCA, TLSCert: cfg.NATSTLSCert, TLSKey: cfg.NATSTLSKey,
+		InboxPrefix:   bus.WorkerInboxPrefix(cfg.Host),
 		WaitForServer: true,
 	}, log)
 	if err != nil {
@@ -94,11 +95,13 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	conn := vm.NewConn(cfg.LibvirtSocket, cfg.LibvirtURI, cfg.LibvirtTimeout, log)
 	ex := vm.NewExecutor(conn, vm.Config{Roots: roots}, log)
 	w, err := bus.New(nc, bus.Config{
-		Host:        cfg.Host,
-		Delivery:    cfg.Delivery,
-		QueueSize:   cfg.QueueSize,
-		Concurrency: cfg.Concurrency,
-		MaxDeliver:  cfg.MaxDeliver,
+		Host:          cfg.Host,
+		Delivery:      cfg.Delivery,
+		QueueSize:     cfg.QueueSize,
+		Concurrency:   cfg.Concurrency,
+		MaxDeliver:    cfg.MaxDeliver,
+		Actions:       actionNames(),
+		ReplyPrefixes: cfg.ReplyPrefixes,
 	}, handler(ex), log, reg)
 	if err != nil {
 		return err
@@ -158,6 +161,16 @@ func handler(ex *vm.Executor) bus.Handler {
 		}
 		return bus.Outcome{Err: &bus.Error{Code: vm.Code(err), Message: vm.Message(err)}}
 	}
+}
+
+// actionNames lists the actions the executor knows, for the bus's metric
+// labels: anything else is counted as "unknown".
+func actionNames() []string {
+	names := make([]string, len(vm.Actions))
+	for i, a := range vm.Actions {
+		names[i] = string(a)
+	}
+	return names
 }
 
 // watchLibvirt exports the libvirt connection's state and counts its

@@ -20,11 +20,19 @@ type ConnOptions struct {
 	TLSCA    string
 	TLSCert  string
 	TLSKey   string
+	// InboxPrefix replaces "_INBOX" in the connection's reply subjects
+	// (JetStream API answers, fetched messages, KV reads), so that NATS
+	// permissions can keep each user's replies to itself.
+	InboxPrefix string
 
 	// WaitForServer keeps trying when the server is not there at start,
 	// as a daemon should; a CLI leaves it off to fail at once.
 	WaitForServer bool
 }
+
+// WorkerInboxPrefix is the inbox prefix of host's worker connection:
+// deploy/nats-server.conf lets only that worker subscribe below it.
+func WorkerInboxPrefix(host string) string { return "_INBOX_virtbus-" + host }
 
 // Connect dials NATS and keeps reconnecting forever: a worker must outlive
 // any NATS outage, however long, and pick up where it left off.
@@ -57,6 +65,9 @@ func Connect(o ConnOptions, log *slog.Logger) (*nats.Conn, error) {
 		opts = append(opts, nats.UserInfo(o.User, o.Password))
 	case o.Token != "":
 		opts = append(opts, nats.Token(o.Token))
+	}
+	if o.InboxPrefix != "" {
+		opts = append(opts, nats.CustomInboxPrefix(o.InboxPrefix))
 	}
 	if o.TLSCA != "" {
 		opts = append(opts, nats.RootCAs(o.TLSCA))

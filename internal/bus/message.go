@@ -10,6 +10,7 @@ import (
 	"strings"
 	"time"
 	"unicode"
+	"unicode/utf8"
 )
 
 // Subject prefixes and headers of the wire contract (DESIGN.md, "Subjects").
@@ -52,10 +53,46 @@ func EventSubject(host, vm, action string) string {
 	return EventPrefix + "." + host + "." + vm + "." + action
 }
 
-// ValidToken reports whether s can stand as one subject token: not empty,
-// no dots, no white space, no wildcards.
+// Bounds on what a client sends (README, "Trust model"). They keep every
+// subject, KV key and header the worker builds from client input far below
+// the server's control-line limit (4 KiB by default), whatever the input.
+const (
+	MaxIDLen    = 128 // Nats-Msg-Id, Idempotency-Key
+	MaxTokenLen = 128 // <vm> and <action> (and <host>) subject tokens
+	MaxReplyLen = 256 // Virtbus-Reply
+)
+
+// ValidToken reports whether s can stand as one subject token: 1 to
+// MaxTokenLen bytes of UTF-8, no dots, no white space or control
+// characters, no wildcards.
 func ValidToken(s string) bool {
-	return s != "" && !strings.ContainsAny(s, ". \t\r\n*>")
+	if s == "" || len(s) > MaxTokenLen || !utf8.ValidString(s) {
+		return false
+	}
+	for _, r := range s {
+		if r <= ' ' || r == 0x7f || r == '.' || r == '*' || r == '>' || unicode.IsSpace(r) {
+			return false
+		}
+	}
+	return true
+}
+
+// ValidID reports whether s can be a client's command id: 1 to MaxIDLen
+// bytes of [A-Za-z0-9._:-]. Ids the worker makes start with '~', so no
+// client id can ever equal one.
+func ValidID(s string) bool {
+	if s == "" || len(s) > MaxIDLen {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		switch {
+		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9', c == '.', c == '_', c == ':', c == '-':
+		default:
+			return false
+		}
+	}
+	return true
 }
 
 // ParseCommandSubject splits virtbus.cmd.<host>.<vm>.<action>.

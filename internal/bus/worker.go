@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -37,6 +38,37 @@ type Config struct {
 	// RetryBackoffMax (defaults 1s and 30s).
 	RetryBackoff    time.Duration
 	RetryBackoffMax time.Duration
+
+	// Actions are the action names the handler knows. Metrics label any
+	// other action "unknown", so client text never becomes a label value.
+	Actions []string
+	// ReplyPrefixes are the prefixes a Virtbus-Reply subject must start
+	// with (default DefaultReplyPrefixes): the worker publishes nowhere else
+	// a client names.
+	ReplyPrefixes []string
+}
+
+// DefaultReplyPrefixes are NATS's inbox prefixes (the default "_INBOX." and
+// per-user ones such as "_INBOX_tenant-a.") and virtbus's own reply space.
+var DefaultReplyPrefixes = []string{"_INBOX.", "_INBOX_", "virtbus.reply."}
+
+// CheckReplyPrefixes refuses prefixes that would let a client name a
+// subject the worker must never publish to: empty ones (anything goes),
+// wildcards, and anything that reaches the JetStream API, KV buckets or the
+// command subjects.
+func CheckReplyPrefixes(prefixes []string) error {
+	for _, p := range prefixes {
+		switch {
+		case p == "":
+			return errors.New("an empty prefix would allow any subject")
+		case strings.ContainsAny(p, "*> \t\r\n"):
+			return fmt.Errorf("prefix %q: no wildcards or white space", p)
+		case strings.HasPrefix(p, "$"), strings.HasPrefix(CommandPrefix+".", p), strings.HasPrefix(p, CommandPrefix+"."),
+			strings.HasPrefix(EventPrefix+".", p), strings.HasPrefix(p, EventPrefix+"."):
+			return fmt.Errorf("prefix %q reaches the system, command or event subjects", p)
+		}
+	}
+	return nil
 }
 
 func (c Config) withDefaults() (Config, error) {
@@ -66,6 +98,12 @@ func (c Config) withDefaults() (Config, error) {
 		if *f.v == 0 {
 			*f.v = f.def
 		}
+	}
+	if len(c.ReplyPrefixes) == 0 {
+		c.ReplyPrefixes = DefaultReplyPrefixes
+	}
+	if err := CheckReplyPrefixes(c.ReplyPrefixes); err != nil {
+		return c, fmt.Errorf("reply prefixes: %w", err)
 	}
 	durations := []struct {
 		name string
