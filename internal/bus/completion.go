@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"runtime/debug"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -68,9 +69,20 @@ func (w *Worker) completion(cmd Command, out Outcome, started, finished time.Tim
 	}
 	if out.Err != nil {
 		c.Status = StatusError
-		c.Error = out.Err
+		// Messages may quote parameters a client sent: keep them bounded.
+		c.Error = &Error{Code: out.Err.Code, Message: strings.ToValidUTF8(clipMessage(out.Err.Message), "")}
 	}
 	return c
+}
+
+// maxMessageLen bounds an error message in a completion and its log line.
+const maxMessageLen = 1024
+
+func clipMessage(m string) string {
+	if len(m) <= maxMessageLen {
+		return m
+	}
+	return m[:maxMessageLen] + "…"
 }
 
 // failure is the completion of a command that ends without running.
@@ -135,10 +147,11 @@ func (w *Worker) report(c Completion, duplicate bool) {
 		w.log.Info("command answered from record", attrs...)
 		return
 	}
-	w.m.completed.WithLabelValues(c.Action, c.Status).Inc()
-	w.m.duration.WithLabelValues(c.Action).Observe(c.DurationMS / 1000)
+	action := w.m.action(c.Action)
+	w.m.completed.WithLabelValues(action, c.Status).Inc()
+	w.m.duration.WithLabelValues(action).Observe(c.DurationMS / 1000)
 	if c.Error != nil {
-		w.m.errors.WithLabelValues(c.Action, code).Inc()
+		w.m.errors.WithLabelValues(action, metricCode(code)).Inc()
 		w.log.Warn("command failed", append(attrs, "error", c.Error.Message)...)
 		return
 	}

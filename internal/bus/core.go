@@ -39,7 +39,7 @@ func (w *Worker) runCore(ctx context.Context) error {
 		}
 	}()
 
-	left := w.q.Run(ctx, func(_ string, j *job) { w.processCore(ctx, j) })
+	left := w.q.Run(ctx, func(_ string, j *job) { w.guard(ctx, j, w.processCore) })
 	for _, j := range left {
 		w.answerCore(ctx, w.failure(j.cmd, errShuttingDown()), j.cmd.Reply)
 	}
@@ -69,12 +69,19 @@ func (w *Worker) acceptCore(ctx context.Context, m *nats.Msg) {
 	j := w.decode(m.Subject, m.Header, m.Data, time.Now())
 	j.core = m
 	if m.Reply != "" {
-		j.cmd.Reply = m.Reply
+		if err := w.checkReply(m.Reply); err != nil {
+			j.cmd.Reply = ""
+			if j.invalid == nil {
+				j.invalid = err
+			}
+		} else {
+			j.cmd.Reply = m.Reply
+		}
 	}
 	if j.cmd.ID == "" {
-		j.cmd.ID = "core-" + nuid.Next()
+		j.cmd.ID = "~" + nuid.Next()
 	}
-	w.m.received.WithLabelValues(j.cmd.Action).Inc()
+	w.m.received.WithLabelValues(w.m.action(j.cmd.Action)).Inc()
 	w.log.Debug("command received", "id", j.cmd.ID, "subject", m.Subject)
 	if err := w.q.PushWait(ctx, j.key, j); err != nil {
 		w.answerCore(ctx, w.failure(j.cmd, errShuttingDown()), j.cmd.Reply)
@@ -86,7 +93,7 @@ func (w *Worker) acceptCore(ctx context.Context, m *nats.Msg) {
 // FIFO, until MaxDeliver attempts or shutdown.
 func (w *Worker) processCore(ctx context.Context, j *job) {
 	cmd := j.cmd
-	w.m.queueWait.WithLabelValues(cmd.Action).Observe(time.Since(cmd.ReceivedAt).Seconds())
+	w.m.queueWait.WithLabelValues(w.m.action(cmd.Action)).Observe(time.Since(cmd.ReceivedAt).Seconds())
 	if j.invalid != nil {
 		w.answerCore(ctx, w.failure(cmd, j.invalid), cmd.Reply)
 		return

@@ -18,6 +18,10 @@ import (
 
 const testHost = "hv1"
 
+// testActions are the actions the test workers know, as the worker's
+// executor would tell them.
+var testActions = []string{"start", "stop", "reboot", "attach-disk", "detach-disk", "status", "pause", "resume"}
+
 // waitTimeout bounds every wait for an outcome. It only turns a hang into a
 // readable failure; nothing is asserted about how long anything takes.
 const waitTimeout = 20 * time.Second
@@ -93,6 +97,9 @@ func newWorker(t *testing.T, nc *nats.Conn, cfg Config, h Handler) *runningWorke
 	t.Helper()
 	if cfg.Host == "" {
 		cfg.Host = testHost
+	}
+	if cfg.Actions == nil {
+		cfg.Actions = testActions
 	}
 	reg := prometheus.NewRegistry()
 	w, err := New(nc, cfg, h, testLogger(t), reg)

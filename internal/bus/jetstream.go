@@ -5,11 +5,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
+	"runtime/debug"
 	"slices"
 	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/nats-io/nuid"
 )
 
 // StreamName is the stream that keeps commands until a worker acks them.
@@ -42,7 +45,7 @@ func (w *Worker) runJetStream(ctx context.Context) error {
 
 	left := make(chan []*job, 1)
 	go func() {
-		left <- w.q.Run(ctx, func(_ string, j *job) { w.processJS(ctx, j) })
+		left <- w.q.Run(ctx, func(_ string, j *job) { w.guard(ctx, j, w.processJS) })
 	}()
 	beatCtx, stopBeat := context.WithCancel(context.WithoutCancel(ctx))
 	var beats sync.WaitGroup
@@ -86,26 +89,30 @@ func (w *Worker) markStopped() {
 	}
 }
 
-// setup creates or updates the stream, this host's consumer and the record
-// bucket. All three calls are idempotent, so setup is simply repeated after
-// an error that may mean the server lost them.
-
+// setup finds the stream, this host's consumer and the record bucket, and
+// creates whichever is missing. It never updates one that exists: they
+// belong to the operator once they exist (limits, replicas, max age), and
+// the worker's NATS user needs no right to change them. Setup is simply
+// repeated after an error that may mean the server lost them.
 func (w *Worker) setup(ctx context.Context, js jetstream.JetStream) (jetstream.Consumer, error) {
 	ctx, cancel := context.WithTimeout(ctx, setupTimeout)
 	defer cancel()
-	_, err := js.CreateOrUpdateStream(ctx, jetstream.StreamConfig{
+	streamCfg := jetstream.StreamConfig{
 		Name:        StreamName,
 		Description: "virtbus commands, kept until a worker answers them",
 		Subjects:    []string{CommandPrefix + ".>"},
 		Retention:   jetstream.WorkQueuePolicy,
 		Storage:     jetstream.FileStorage,
 		Duplicates:  w.cfg.DupWindow,
-	})
-	if err != nil {
-		return nil, fmt.Errorf("create or update stream %s: %w", StreamName, err)
 	}
-	cons, err := js.CreateOrUpdateConsumer(ctx, StreamName, jetstream.ConsumerConfig{
-		Durable:       ConsumerName(w.cfg.Host),
+	if _, err := findOrCreate(ctx, w.log, "stream "+StreamName, jetstream.ErrStreamNotFound,
+		func() (jetstream.Stream, error) { return js.Stream(ctx, StreamName) },
+		func() (jetstream.Stream, error) { return js.CreateStream(ctx, streamCfg) }); err != nil {
+		return nil, err
+	}
+	name := ConsumerName(w.cfg.Host)
+	consCfg := jetstream.ConsumerConfig{
+		Durable:       name,
 		Description:   "virtbus worker on " + w.cfg.Host,
 		FilterSubject: CommandPrefix + "." + w.cfg.Host + ".>",
 		AckPolicy:     jetstream.AckExplicitPolicy,
@@ -113,16 +120,40 @@ func (w *Worker) setup(ctx context.Context, js jetstream.JetStream) (jetstream.C
 		// The bus counts deliveries itself, so that a command that runs out
 		// of them is answered instead of vanishing in the stream.
 		MaxDeliver: -1,
-	})
-	if err != nil {
-		return nil, fmt.Errorf("create or update consumer %s: %w", ConsumerName(w.cfg.Host), err)
 	}
-	recs, err := openRecords(ctx, js, w.cfg.Host, w.cfg.RecordTTL)
+	cons, err := findOrCreate(ctx, w.log, "consumer "+name, jetstream.ErrConsumerNotFound,
+		func() (jetstream.Consumer, error) { return js.Consumer(ctx, StreamName, name) },
+		func() (jetstream.Consumer, error) { return js.CreateConsumer(ctx, StreamName, consCfg) })
+	if err != nil {
+		return nil, err
+	}
+	recs, err := openRecords(ctx, js, w.log, w.cfg.Host, w.cfg.RecordTTL)
 	if err != nil {
 		return nil, err
 	}
 	w.records.Store(recs)
 	return cons, nil
+}
+
+// findOrCreate looks a JetStream object up and creates it only when the
+// lookup says it is missing. When two workers create it at once, the loser
+// finds the winner's.
+func findOrCreate[T any](ctx context.Context, log *slog.Logger, what string, missing error, find, create func() (T, error)) (T, error) {
+	v, err := find()
+	if err == nil {
+		return v, nil
+	}
+	if !errors.Is(err, missing) {
+		return v, fmt.Errorf("look up %s: %w", what, err)
+	}
+	if v, err = create(); err == nil {
+		log.Info("created "+what+" (it was missing)")
+		return v, nil
+	}
+	if v, ferr := find(); ferr == nil {
+		return v, nil
+	}
+	return v, fmt.Errorf("create %s: %w", what, err)
 }
 
 // takeOver runs before the first fetch of a Run, while this worker holds
@@ -225,16 +256,15 @@ func (w *Worker) fetchLoop(ctx context.Context, js jetstream.JetStream) {
 func (w *Worker) accept(msg jetstream.Msg) {
 	j := w.decode(msg.Subject(), msg.Headers(), msg.Data(), time.Now())
 	j.js = msg
-	if md, err := msg.Metadata(); err == nil {
+	md, err := msg.Metadata()
+	if err == nil {
 		j.cmd.Attempt = int(md.NumDelivered)
 		j.seq = md.Sequence.Stream
-		if j.cmd.ID == "" {
-			j.cmd.ID = fmt.Sprintf("seq-%d", md.Sequence.Stream)
-		}
-	} else if j.cmd.ID == "" {
-		j.cmd.ID = "unknown"
 	}
-	w.m.received.WithLabelValues(j.cmd.Action).Inc()
+	if j.cmd.ID == "" {
+		j.cmd.ID = madeID(md)
+	}
+	w.m.received.WithLabelValues(w.m.action(j.cmd.Action)).Inc()
 	if j.cmd.Attempt > 1 {
 		w.m.redeliveries.Inc()
 	}
@@ -247,13 +277,25 @@ func (w *Worker) accept(msg jetstream.Msg) {
 	}
 }
 
+// madeID names a command that came without a usable id. It is the same
+// for every delivery of one stream message, so a redelivery is still
+// answered from its record; it differs for a new stream that reuses the
+// sequence (the message's stored time is part of it); and it starts with
+// '~', which no client id may contain.
+func madeID(md *jetstream.MsgMetadata) string {
+	if md == nil {
+		return "~" + nuid.Next()
+	}
+	return fmt.Sprintf("~%d-%d", md.Sequence.Stream, md.Timestamp.UnixNano())
+}
+
 // processJS answers one command: from its record when it was answered
 // before, else by running it. The completion is recorded, then published,
 // and only then is the message acked.
 func (w *Worker) processJS(ctx context.Context, j *job) {
 	defer w.held.remove(j)
 	cmd := j.cmd
-	w.m.queueWait.WithLabelValues(cmd.Action).Observe(time.Since(cmd.ReceivedAt).Seconds())
+	w.m.queueWait.WithLabelValues(w.m.action(cmd.Action)).Observe(time.Since(cmd.ReceivedAt).Seconds())
 	// NATS calls use a context shutdown does not cancel: a command taken
 	// off the queue is seen through. ctx only ends the waiting for NATS.
 	callCtx := handlerContext(ctx)
@@ -269,14 +311,15 @@ func (w *Worker) processJS(ctx context.Context, j *job) {
 		w.handBack(j)
 		return
 	}
+	if rec != nil && (rec.VM != cmd.VM || rec.Action != cmd.Action) {
+		// The id was used before for another command: answer this one with
+		// a conflict, and keep the first one's record.
+		w.finish(ctx, j, w.failure(cmd, &Error{Code: CodeConflict, Message: fmt.Sprintf(
+			"command id %s was already used for %s on %s", cmd.ID, rec.Action, rec.VM)}), false)
+		return
+	}
 	if rec != nil {
-		if err := w.publish(ctx, *rec, cmd.Reply); err != nil {
-			w.log.Warn("completion not published at shutdown; handing back", "id", cmd.ID, "err", err)
-			w.handBack(j)
-			return
-		}
-		w.ack(ctx, j)
-		w.report(*rec, true)
+		w.finish(ctx, j, *rec, true)
 		return
 	}
 
@@ -310,13 +353,46 @@ func (w *Worker) processJS(ctx context.Context, j *job) {
 	if w.crashAfterRecord != nil && w.crashAfterRecord(cmd) {
 		return
 	}
-	if err := w.publish(ctx, c, cmd.Reply); err != nil {
-		w.log.Warn("completion not published at shutdown; handing back", "id", cmd.ID, "err", err)
+	w.finish(ctx, j, c, false)
+}
+
+// finish publishes a completion, then acks its command and reports it.
+func (w *Worker) finish(ctx context.Context, j *job, c Completion, duplicate bool) {
+	if err := w.publish(ctx, c, j.cmd.Reply); err != nil {
+		w.log.Warn("completion not published at shutdown; handing back", "id", j.cmd.ID, "err", err)
 		w.handBack(j)
 		return
 	}
 	w.ack(ctx, j)
-	w.report(c, false)
+	w.report(c, duplicate)
+}
+
+// guard runs process and turns a panic in it into an error completion and
+// a log line: a command that trips a bug must not take the other VMs down.
+// If even answering it panics, the command is handed back; MaxDeliver then
+// ends it.
+func (w *Worker) guard(ctx context.Context, j *job, process func(context.Context, *job)) {
+	defer func() {
+		r := recover()
+		if r == nil {
+			return
+		}
+		w.log.Error("panic handling a command", "id", j.cmd.ID, "vm", j.cmd.VM, "action", j.cmd.Action,
+			"panic", clip(fmt.Sprint(r), 256), "stack", string(debug.Stack()))
+		defer func() {
+			if r := recover(); r != nil {
+				w.log.Error("panic answering a command; handing it back", "id", j.cmd.ID, "panic", clip(fmt.Sprint(r), 256))
+				w.handBack(j)
+			}
+		}()
+		c := w.failure(j.cmd, &Error{Code: CodeUnavailable, Message: "internal error handling the command"})
+		if j.core != nil {
+			w.answerCore(ctx, c, j.cmd.Reply)
+			return
+		}
+		w.finish(ctx, j, c, false)
+	}()
+	process(ctx, j)
 }
 
 // ack acks after the completion went out, and waits for the server to
@@ -344,6 +420,9 @@ func (w *Worker) ack(ctx context.Context, j *job) {
 // handBack returns a command that was not answered to the stream for
 // immediate redelivery.
 func (w *Worker) handBack(j *job) {
+	if j.js == nil {
+		return // core mode: nothing to hand back to
+	}
 	w.held.remove(j)
 	if err := j.js.Nak(); err != nil {
 		w.log.Warn("nak failed; redelivered after ack wait", "id", j.cmd.ID, "err", err)

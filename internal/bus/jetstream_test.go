@@ -56,8 +56,8 @@ func TestCompletionOnEventAndReplySubjects(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			cmdID := "cmd-" + tc.name
-			replies := collect(t, nc, "test.reply."+tc.name)
-			publishCmd(t, js, tc.vm, "stop", cmdID, tc.body, "test.reply."+tc.name)
+			replies := collect(t, nc, "virtbus.reply.test."+tc.name)
+			publishCmd(t, js, tc.vm, "stop", cmdID, tc.body, "virtbus.reply.test."+tc.name)
 
 			for _, got := range []Completion{events.wait(t, cmdID), replies.wait(t, cmdID)} {
 				if got.ID != cmdID || got.Host != testHost || got.VM != tc.vm || got.Action != "stop" || got.Attempt != 1 {
@@ -84,7 +84,7 @@ func TestCompletionOnEventAndReplySubjects(t *testing.T) {
 			}
 			cmd := seen[0]
 			if cmd.Host != testHost || cmd.VM != tc.vm || cmd.Action != "stop" || string(cmd.Params) != wantParams ||
-				cmd.Reply != "test.reply."+tc.name || cmd.Attempt != 1 {
+				cmd.Reply != "virtbus.reply.test."+tc.name || cmd.Attempt != 1 {
 				t.Errorf("handler saw %+v (params %s)", cmd, cmd.Params)
 			}
 			waitStreamEmpty(t, js)
@@ -240,7 +240,7 @@ func TestRedeliveryAnsweredFromRecord(t *testing.T) {
 	w.start(t)
 	events := collect(t, nc, EventPrefix+".>")
 
-	publishCmd(t, js, "web-1", "reboot", "rec-1", "", "test.reply.rec")
+	publishCmd(t, js, "web-1", "reboot", "rec-1", "", "virtbus.reply.test.rec")
 	got := events.wait(t, "rec-1")
 	waitStreamEmpty(t, js)
 

@@ -41,6 +41,7 @@ const (
 	CodeTimeout     = "timeout"
 	CodeLibvirt     = "libvirt"
 	CodeUnavailable = "unavailable"
+	CodeExpired     = "expired"
 )
 
 // CommandSubject is the subject a command for vm on host is published to.

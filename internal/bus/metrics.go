@@ -2,6 +2,8 @@ package bus
 
 import (
 	"fmt"
+	"maps"
+	"slices"
 	"sync"
 
 	"github.com/nats-io/nats.go"
@@ -23,13 +25,58 @@ type metrics struct {
 	redeliveries prometheus.Counter
 	duplicates   prometheus.Counter
 	reconnects   *prometheus.CounterVec
+
+	// actions are the label values the action label may take besides
+	// unknownLabel: the handler's actions, never client text.
+	actions map[string]bool
+}
+
+// unknownLabel stands for any action (or error code) outside the known set,
+// so a client cannot grow the number of series.
+const unknownLabel = "unknown"
+
+// codes are the error codes a completion may carry.
+var codes = []string{CodeInvalid, CodeNotFound, CodeForbidden, CodeConflict, CodeTimeout, CodeLibvirt, CodeUnavailable, CodeExpired}
+
+// action is the label value for a command's action.
+func (m *metrics) action(a string) string {
+	if m.actions[a] {
+		return a
+	}
+	return unknownLabel
+}
+
+// metricCode is the label value for an error code.
+func metricCode(c string) string {
+	if slices.Contains(codes, c) {
+		return c
+	}
+	return unknownLabel
+}
+
+// initLabels creates every series of the known label sets at zero, so that
+// rate() and increase() see a command's first error, not just its second.
+func (m *metrics) initLabels() {
+	for _, a := range append(slices.Sorted(maps.Keys(m.actions)), unknownLabel) {
+		m.received.WithLabelValues(a)
+		m.duration.WithLabelValues(a)
+		m.queueWait.WithLabelValues(a)
+		for _, st := range []string{StatusOK, StatusError} {
+			m.completed.WithLabelValues(a, st)
+		}
+		for _, c := range codes {
+			m.errors.WithLabelValues(a, c)
+		}
+	}
+	m.reconnects.WithLabelValues("nats")
 }
 
 // newMetrics builds the bus's metrics and registers them on reg (none when
 // reg is nil). The names are a contract with the dashboards and alerts in
 // deploy/.
-func newMetrics(reg prometheus.Registerer, nc *nats.Conn, q *queue.Queue[*job]) (*metrics, error) {
+func newMetrics(reg prometheus.Registerer, nc *nats.Conn, q *queue.Queue[*job], actions []string) (*metrics, error) {
 	m := &metrics{
+		actions: make(map[string]bool, len(actions)),
 		received: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "virtbus_commands_received_total",
 			Help: "Command messages taken off NATS, redeliveries included.",
@@ -65,6 +112,10 @@ func newMetrics(reg prometheus.Registerer, nc *nats.Conn, q *queue.Queue[*job]) 
 			Help: "Reconnections of the worker's connections, by target.",
 		}, []string{"target"}),
 	}
+	for _, a := range actions {
+		m.actions[a] = true
+	}
+	m.initLabels()
 	if reg == nil {
 		return m, nil
 	}

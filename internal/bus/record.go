@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -23,16 +24,20 @@ type records struct {
 	host string
 }
 
-func openRecords(ctx context.Context, js jetstream.JetStream, host string, ttl time.Duration) (*records, error) {
-	kv, err := js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
-		Bucket:      RecordBucket,
-		Description: "virtbus completions by command id",
-		History:     1,
-		TTL:         ttl,
-		Storage:     jetstream.FileStorage,
-	})
+func openRecords(ctx context.Context, js jetstream.JetStream, log *slog.Logger, host string, ttl time.Duration) (*records, error) {
+	kv, err := findOrCreate(ctx, log, "kv bucket "+RecordBucket, jetstream.ErrBucketNotFound,
+		func() (jetstream.KeyValue, error) { return js.KeyValue(ctx, RecordBucket) },
+		func() (jetstream.KeyValue, error) {
+			return js.CreateKeyValue(ctx, jetstream.KeyValueConfig{
+				Bucket:      RecordBucket,
+				Description: "virtbus completions by command id",
+				History:     1,
+				TTL:         ttl,
+				Storage:     jetstream.FileStorage,
+			})
+		})
 	if err != nil {
-		return nil, fmt.Errorf("create or update kv bucket %s: %w", RecordBucket, err)
+		return nil, err
 	}
 	return &records{kv: kv, host: host}, nil
 }

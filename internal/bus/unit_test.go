@@ -10,11 +10,14 @@ import (
 
 func TestDecode(t *testing.T) {
 	t.Parallel()
+	long := func(n int) string { return strings.Repeat("a", n) }
 	tests := []struct {
 		name        string
 		subject     string
+		id          string
 		body        string
 		reply       string
+		wantID      string // "" when the worker must make one
 		wantVM      string
 		wantAction  string
 		wantParams  string
@@ -25,19 +28,39 @@ func TestDecode(t *testing.T) {
 		{name: "empty body", subject: "virtbus.cmd.hv1.web-1.start", body: ``, wantVM: "web-1", wantAction: "start", wantParams: `{}`},
 		{name: "white space body", subject: "virtbus.cmd.hv1.web-1.start", body: " \n", wantVM: "web-1", wantAction: "start", wantParams: `{}`},
 		{name: "padded object", subject: "virtbus.cmd.hv1.web-1.start", body: ` {"a":1} `, wantVM: "web-1", wantAction: "start", wantParams: `{"a":1}`},
-		{name: "reply header", subject: "virtbus.cmd.hv1.web-1.start", reply: "_INBOX.abc", wantVM: "web-1", wantAction: "start", wantParams: `{}`, wantReply: "_INBOX.abc"},
-		{name: "bad reply header dropped", subject: "virtbus.cmd.hv1.web-1.start", reply: "a b.*", wantVM: "web-1", wantAction: "start", wantParams: `{}`},
+		{name: "inbox reply", subject: "virtbus.cmd.hv1.web-1.start", reply: "_INBOX.abc", wantVM: "web-1", wantAction: "start", wantParams: `{}`, wantReply: "_INBOX.abc"},
+		{name: "tenant inbox reply", subject: "virtbus.cmd.hv1.web-1.start", reply: "_INBOX_tenant-a.abc.1", wantVM: "web-1", wantAction: "start", wantParams: `{}`, wantReply: "_INBOX_tenant-a.abc.1"},
+		{name: "virtbus reply", subject: "virtbus.cmd.hv1.web-1.start", reply: "virtbus.reply.svc.7", wantVM: "web-1", wantAction: "start", wantParams: `{}`, wantReply: "virtbus.reply.svc.7"},
+		{name: "id at the bound", subject: "virtbus.cmd.hv1.web-1.start", id: long(MaxIDLen), wantID: long(MaxIDLen), wantVM: "web-1", wantAction: "start", wantParams: `{}`},
 		{name: "malformed", subject: "virtbus.cmd.hv1.web-1.start", body: `{"a":`, wantVM: "web-1", wantAction: "start", wantParams: `{}`, wantInvalid: true},
 		{name: "array", subject: "virtbus.cmd.hv1.web-1.start", body: `[]`, wantVM: "web-1", wantAction: "start", wantParams: `{}`, wantInvalid: true},
 		{name: "null", subject: "virtbus.cmd.hv1.web-1.start", body: `null`, wantVM: "web-1", wantAction: "start", wantParams: `{}`, wantInvalid: true},
 		{name: "trailing garbage", subject: "virtbus.cmd.hv1.web-1.start", body: `{} {}`, wantVM: "web-1", wantAction: "start", wantParams: `{}`, wantInvalid: true},
-		{name: "too many tokens", subject: "virtbus.cmd.hv1.web-1.start.now", wantParams: `{}`, wantInvalid: true},
+		{name: "too many tokens", subject: "virtbus.cmd.hv1.web-1.start.now", wantVM: InvalidToken, wantAction: InvalidToken, wantParams: `{}`, wantInvalid: true},
+		{name: "vm too long", subject: "virtbus.cmd.hv1." + long(MaxTokenLen+1) + ".start", wantVM: InvalidToken, wantAction: "start", wantParams: `{}`, wantInvalid: true},
+		{name: "action too long", subject: "virtbus.cmd.hv1.web-1." + long(4000), wantVM: "web-1", wantAction: InvalidToken, wantParams: `{}`, wantInvalid: true},
+		{name: "control character in vm", subject: "virtbus.cmd.hv1.web\x01.start", wantVM: InvalidToken, wantAction: "start", wantParams: `{}`, wantInvalid: true},
+		{name: "id too long", subject: "virtbus.cmd.hv1.web-1.start", id: long(4050), wantVM: "web-1", wantAction: "start", wantParams: `{}`, wantInvalid: true},
+		{name: "id with a space", subject: "virtbus.cmd.hv1.web-1.start", id: "a b", wantVM: "web-1", wantAction: "start", wantParams: `{}`, wantInvalid: true},
+		{name: "id in the worker's space", subject: "virtbus.cmd.hv1.web-1.start", id: "~1-2", wantVM: "web-1", wantAction: "start", wantParams: `{}`, wantInvalid: true},
+		{name: "reply with wildcards", subject: "virtbus.cmd.hv1.web-1.start", reply: "_INBOX.*", wantVM: "web-1", wantAction: "start", wantParams: `{}`, wantInvalid: true},
+		{name: "reply into a KV bucket", subject: "virtbus.cmd.hv1.web-1.stop", reply: "$KV.VIRTBUS_DONE.hv1.victim", wantVM: "web-1", wantAction: "stop", wantParams: `{}`, wantInvalid: true},
+		{name: "reply into the JetStream API", subject: "virtbus.cmd.hv1.web-1.stop", reply: "$JS.API.STREAM.DELETE.VIRTBUS_CMD", wantVM: "web-1", wantAction: "stop", wantParams: `{}`, wantInvalid: true},
+		{name: "reply onto a command subject", subject: "virtbus.cmd.hv1.web-1.stop", reply: "virtbus.cmd.hv1.web-2.stop", wantVM: "web-1", wantAction: "stop", wantParams: `{}`, wantInvalid: true},
+		{name: "reply onto an event subject", subject: "virtbus.cmd.hv1.web-1.stop", reply: "virtbus.evt.hv1.web-2.stop", wantVM: "web-1", wantAction: "stop", wantParams: `{}`, wantInvalid: true},
+		{name: "reply into the worker's inbox", subject: "virtbus.cmd.hv1.web-1.stop", reply: WorkerInboxPrefix("hv1") + ".x.y", wantVM: "web-1", wantAction: "stop", wantParams: `{}`, wantInvalid: true},
+		{name: "reply too long", subject: "virtbus.cmd.hv1.web-1.stop", reply: "_INBOX." + long(MaxReplyLen), wantVM: "web-1", wantAction: "stop", wantParams: `{}`, wantInvalid: true},
 	}
-	w := &Worker{log: testLogger(t)}
+	w := &Worker{log: testLogger(t), cfg: Config{Host: "hv1", ReplyPrefixes: DefaultReplyPrefixes}}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			hdr := nats.Header{}
-			hdr.Set(HeaderMsgID, "id-1")
+			if tc.id == "" && tc.wantID == "" && !tc.wantInvalid {
+				tc.id, tc.wantID = "id-1", "id-1"
+			}
+			if tc.id != "" {
+				hdr.Set(HeaderMsgID, tc.id)
+			}
 			if tc.reply != "" {
 				hdr.Set(HeaderReply, tc.reply)
 			}
@@ -45,16 +68,19 @@ func TestDecode(t *testing.T) {
 			if (j.invalid != nil) != tc.wantInvalid {
 				t.Fatalf("invalid = %v, want %v", j.invalid, tc.wantInvalid)
 			}
-			if j.invalid != nil && j.invalid.Code != CodeInvalid {
-				t.Errorf("code %s, want invalid", j.invalid.Code)
+			if j.invalid != nil && (j.invalid.Code != CodeInvalid || len(j.invalid.Message) > 512) {
+				t.Errorf("error %.600v: want code invalid and a bounded message", j.invalid)
 			}
 			c := j.cmd
-			if c.ID != "id-1" || c.VM != tc.wantVM || c.Action != tc.wantAction || string(c.Params) != tc.wantParams ||
+			if c.VM != tc.wantVM || c.Action != tc.wantAction || string(c.Params) != tc.wantParams ||
 				c.Reply != tc.wantReply || c.Attempt != 1 {
 				t.Errorf("command %+v (params %s)", c, c.Params)
 			}
-			if tc.wantVM != "" && j.key != tc.wantVM {
-				t.Errorf("queue key %q, want the VM", j.key)
+			if c.ID != tc.wantID {
+				t.Errorf("id %.140q, want %.140q", c.ID, tc.wantID)
+			}
+			if j.key != tc.wantVM {
+				t.Errorf("queue key %q, want the VM %q", j.key, tc.wantVM)
 			}
 		})
 	}

@@ -186,7 +186,7 @@ func New(nc *nats.Conn, cfg Config, h Handler, log *slog.Logger, reg prometheus.
 
 		fetchWait: fetchWait,
 	}
-	if w.m, err = newMetrics(reg, nc, w.q); err != nil {
+	if w.m, err = newMetrics(reg, nc, w.q, cfg.Actions); err != nil {
 		return nil, err
 	}
 	return w, nil
@@ -202,16 +202,36 @@ func (w *Worker) Run(ctx context.Context) error {
 	}
 	w.log.Info("bus worker starting", "host", w.cfg.Host, "queue_size", w.cfg.QueueSize,
 		"concurrency", w.cfg.Concurrency, "max_deliver", w.cfg.MaxDeliver)
+	// A connection NATS closed for good (a protocol error, repeated
+	// authorization failures) never comes back: drain as at shutdown and
+	// return the error, so the process exits and its supervisor restarts it
+	// rather than leaving a live process that takes no commands.
+	runCtx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	w.nc.SetClosedHandler(func(nc *nats.Conn) {
+		cancel(fmt.Errorf("%w: %v", ErrConnectionClosed, nc.LastError()))
+	})
+	if w.nc.IsClosed() {
+		cancel(fmt.Errorf("%w before the worker started", ErrConnectionClosed))
+	}
 	var err error
 	if w.cfg.Delivery == DeliveryCore {
-		err = w.runCore(ctx)
+		err = w.runCore(runCtx)
 	} else {
-		err = w.runJetStream(ctx)
+		err = w.runJetStream(runCtx)
 	}
 	w.ready.Store(false)
+	if cause := context.Cause(runCtx); err == nil && ctx.Err() == nil && errors.Is(cause, ErrConnectionClosed) {
+		w.log.Error("nats connection closed for good; stopping so the supervisor restarts the worker", "err", cause)
+		return cause
+	}
 	w.log.Info("bus worker stopped")
 	return err
 }
+
+// ErrConnectionClosed is what Run returns when the NATS connection was
+// closed for good while the worker ran.
+var ErrConnectionClosed = errors.New("nats connection closed")
 
 // Ready reports whether NATS is connected and the consumer (or core
 // subscription) is set up: what /readyz asks of the bus.
