@@ -112,7 +112,6 @@ func invalidCompletions(t *testing.T, events *completions) []Completion {
 	return out
 }
 
-
 // A command without an id gets one no client can send, and a re-created
 // stream, whose sequences start again, does not make an old record answer
 // a new command.

@@ -147,7 +147,7 @@ func findOrCreate[T any](ctx context.Context, log *slog.Logger, what string, mis
 		return v, fmt.Errorf("look up %s: %w", what, err)
 	}
 	if v, err = create(); err == nil {
-		log.Info("created "+what+" (it was missing)")
+		log.Info("created " + what + " (it was missing)")
 		return v, nil
 	}
 	if v, ferr := find(); ferr == nil {
