@@ -4,7 +4,7 @@ export PATH := $(PATH):/usr/local/go/bin
 GO ?= go
 BIN := bin
 
-.PHONY: all build test demo vet fmt-check libvirt-up libvirt-down bench clean
+.PHONY: all build test unit-test fuzz demo vet fmt-check libvirt-up libvirt-down bench clean
 
 all: build
 
@@ -14,8 +14,23 @@ build:
 # Brings up libvirtd (idempotent; about a second when it is already up),
 # then vets and runs every test against it with the race detector.
 # CI=true turns any skipped integration test into a failure.
-test: libvirt-up fmt-check vet
+# Then fuzzes each target for FUZZTIME (make test FUZZTIME=2m for longer).
+test: unit-test fuzz
+
+unit-test: libvirt-up fmt-check vet
 	CGO_ENABLED=1 $(GO) test -race -count=1 -timeout 20m ./...
+
+# Fuzz targets: package and name. Their seed corpora live in each package's
+# testdata/fuzz/<name>; the plain test run above replays them every time.
+FUZZTIME ?= 20s
+FUZZ_TARGETS := ./internal/bus:FuzzDecode ./internal/vm:FuzzParams
+
+fuzz:
+	@set -e; for t in $(FUZZ_TARGETS); do \
+		pkg=$${t%%:*}; name=$${t##*:}; \
+		echo "fuzz $$name in $$pkg for $(FUZZTIME)"; \
+		$(GO) test -run='^$$' -fuzz="^$$name\$$" -fuzztime=$(FUZZTIME) $$pkg; \
+	done
 
 vet:
 	$(GO) vet ./...
