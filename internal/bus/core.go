@@ -82,7 +82,7 @@ func (w *Worker) acceptCore(ctx context.Context, m *nats.Msg) {
 		j.cmd.ID = "~" + nuid.Next()
 	}
 	w.m.received.WithLabelValues(w.m.action(j.cmd.Action)).Inc()
-	w.log.Debug("command received", "id", j.cmd.ID, "subject", m.Subject)
+	w.log.Debug("command received", "id", j.cmd.ID, "vm", j.cmd.VM, "action", j.cmd.Action)
 	if err := w.q.PushWait(ctx, j.key, j); err != nil {
 		w.answerCore(ctx, w.failure(j.cmd, errShuttingDown()), j.cmd.Reply)
 	}

@@ -268,7 +268,7 @@ func (w *Worker) accept(msg jetstream.Msg) {
 	if j.cmd.Attempt > 1 {
 		w.m.redeliveries.Inc()
 	}
-	w.log.Debug("command received", "id", j.cmd.ID, "subject", msg.Subject(), "attempt", j.cmd.Attempt)
+	w.log.Debug("command received", "id", j.cmd.ID, "vm", j.cmd.VM, "action", j.cmd.Action, "attempt", j.cmd.Attempt)
 
 	w.held.add(j)
 	if err := w.q.Push(j.key, j); err != nil {
