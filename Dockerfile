@@ -28,8 +28,12 @@ COPY --from=build /out/ /usr/local/bin/
 # The embedded NATS server's store, when VIRTBUS_NATS_URL is empty.
 ENV VIRTBUS_STATE_DIR=/var/lib/virtbus
 VOLUME ["/var/lib/virtbus"]
-# Metrics, health and the HTTP API; bind VIRTBUS_HTTP_ADDR to a reachable address to use it.
+# Metrics, health and readiness (VIRTBUS_METRICS_ADDR, read-only, every
+# interface by default).
 EXPOSE 9480
+# The command API (VIRTBUS_API_ADDR) listens on the container's loopback by
+# default. To reach it from outside, set VIRTBUS_API_ADDR=:9481 and
+# VIRTBUS_API_TOKEN_FILE (mount the token file read-only) and publish 9481.
 # Root by default: see the top of this file.
 USER root
 STOPSIGNAL SIGTERM

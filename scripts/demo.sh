@@ -36,6 +36,12 @@ if (exec 3<>/dev/tcp/127.0.0.1/4222) 2>/dev/null; then
 	echo "demo: something already listens on 127.0.0.1:4222, where the worker's embedded NATS goes" >&2
 	exit 1
 fi
+for port in 9480 9481; do
+	if (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null; then
+		echo "demo: something already listens on 127.0.0.1:$port, where the worker's HTTP listeners go" >&2
+		exit 1
+	fi
+done
 
 say "build worker and publish"
 CGO_ENABLED=0 go build -o "$WORK/" ./cmd/worker ./cmd/publish
@@ -47,7 +53,7 @@ install -d -m 0755 "$IMAGES"
 truncate -s 16M "$IMAGES/data.img"
 echo "domain $VM, image $IMAGES/data.img"
 
-say "start the worker (embedded NATS on 127.0.0.1:4222, HTTP on 127.0.0.1:9480)"
+say "start the worker (embedded NATS on 127.0.0.1:4222, metrics on :9480, command API on 127.0.0.1:9481)"
 VIRTBUS_HOST=$HOST VIRTBUS_STATE_DIR="$WORK/state" VIRTBUS_CONCURRENCY=2 \
 	"$WORK/worker" >"$WORK/worker.log" 2>&1 &
 WORKER_PID=$!
@@ -79,15 +85,17 @@ pub start no-such-vm
 pub explode "$VM"
 pub stop "$VM" mode=gentle
 pub attach-disk "$VM" path=/etc/shadow
-echo "\$ curl -X POST 'http://127.0.0.1:9480/v1/vms/$VM/stop?wait=10s' -d '{\"timeout\":'   # malformed JSON"
-curl -s -X POST "http://127.0.0.1:9480/v1/vms/$VM/stop?wait=10s" -d '{"timeout":'
+echo "\$ curl -X POST 'http://127.0.0.1:9481/v1/vms/$VM/stop?wait=10s' -H 'Content-Type: application/json' -d '{\"timeout\":'   # malformed JSON"
+curl -s -X POST "http://127.0.0.1:9481/v1/vms/$VM/stop?wait=10s" -H 'Content-Type: application/json' -d '{"timeout":'
+echo "\$ curl -X POST 'http://127.0.0.1:9481/v1/vms/$VM/stop' -H 'Content-Type: text/plain' -d '{}'   # what a web page could send"
+curl -s -X POST "http://127.0.0.1:9481/v1/vms/$VM/stop" -H 'Content-Type: text/plain' -d '{}'
 
 say "the completion as JSON"
 pub -json start "$VM"
 
 say "the same through the HTTP API"
-echo "\$ curl -X POST 'http://127.0.0.1:9480/v1/vms/$VM/stop?wait=30s' -d '{\"mode\":\"force\"}'"
-curl -s -X POST "http://127.0.0.1:9480/v1/vms/$VM/stop?wait=30s" -d '{"mode":"force"}'
+echo "\$ curl -X POST 'http://127.0.0.1:9481/v1/vms/$VM/stop?wait=30s' -H 'Content-Type: application/json' -d '{\"mode\":\"force\"}'"
+curl -s -X POST "http://127.0.0.1:9481/v1/vms/$VM/stop?wait=30s" -H 'Content-Type: application/json' -d '{"mode":"force"}'
 
 say "a small load: 40 status commands"
 pub -count 40 -vms "$VM" -concurrency 8 status

@@ -113,7 +113,8 @@ func benchWorker(b *testing.B) (string, *nats.Conn) {
 		"VIRTBUS_LIBVIRT_SOCKET": testbed.Socket(),
 		"VIRTBUS_DISK_ROOTS":     testbed.ImageRoot(),
 		"VIRTBUS_STATE_DIR":      b.TempDir(),
-		"VIRTBUS_HTTP_ADDR":      "off",
+		"VIRTBUS_METRICS_ADDR":   "off",
+		"VIRTBUS_API_ADDR":       "off",
 		"VIRTBUS_LOG_LEVEL":      "error",
 	}
 	ctx, cancel := context.WithCancel(context.Background())

@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
+	"net/netip"
 	"os"
 	"reflect"
 	"strconv"
@@ -40,7 +42,9 @@ type config struct {
 	Concurrency    int           `envconfig:"CONCURRENCY" default:"1" desc:"commands for different VMs run side by side"`
 	MaxDeliver     int           `envconfig:"MAX_DELIVER" default:"5" desc:"deliveries of an unavailable command before its final error"`
 	DiskRoots      []string      `envconfig:"DISK_ROOTS" default:"/var/lib/libvirt/images" desc:"comma-separated directories disk images must resolve into"`
-	HTTPAddr       string        `envconfig:"HTTP_ADDR" default:"127.0.0.1:9480" desc:"metrics, health and HTTP API listen address; off: none"`
+	MetricsAddr    string        `envconfig:"METRICS_ADDR" default:":9480" desc:"listen address of /metrics, /healthz and /readyz (read-only); off: none"`
+	APIAddr        string        `envconfig:"API_ADDR" default:"127.0.0.1:9481" desc:"listen address of the command API; off: none; not loopback: needs VIRTBUS_API_TOKEN_FILE"`
+	APITokenFile   string        `envconfig:"API_TOKEN_FILE" desc:"file holding the command API's bearer token"`
 	ReplyPrefixes  []string      `envconfig:"REPLY_PREFIXES" default:"_INBOX.,_INBOX_,virtbus.reply." desc:"comma-separated subject prefixes a Virtbus-Reply header must start with"`
 	LogLevel       string        `envconfig:"LOG_LEVEL" default:"info" desc:"debug, info, warn or error"`
 	LogFormat      string        `envconfig:"LOG_FORMAT" default:"text" desc:"text or json"`
@@ -123,6 +127,9 @@ func (c config) check() error {
 	case len(c.DiskRoots) == 0:
 		return fmt.Errorf("VIRTBUS_DISK_ROOTS is empty: name at least one directory")
 	}
+	if err := c.checkHTTP(); err != nil {
+		return err
+	}
 	if err := bus.CheckReplyPrefixes(c.ReplyPrefixes); err != nil {
 		return fmt.Errorf("VIRTBUS_REPLY_PREFIXES: %w", err)
 	}
@@ -133,6 +140,41 @@ func (c config) check() error {
 		return fmt.Errorf("VIRTBUS_LOG_FORMAT=%q: want text or json", c.LogFormat)
 	}
 	return nil
+}
+
+// checkHTTP refuses listener addresses that cannot be opened, and a
+// command API reachable from other machines without a token.
+func (c config) checkHTTP() error {
+	for _, l := range []struct{ key, addr string }{{"VIRTBUS_METRICS_ADDR", c.MetricsAddr}, {"VIRTBUS_API_ADDR", c.APIAddr}} {
+		if l.addr == "off" {
+			continue
+		}
+		if _, _, err := net.SplitHostPort(l.addr); err != nil {
+			return fmt.Errorf("%s=%q: want host:port or off: %w", l.key, l.addr, err)
+		}
+	}
+	switch {
+	case c.APIAddr == "off":
+	case c.APIAddr == c.MetricsAddr:
+		return fmt.Errorf("VIRTBUS_API_ADDR=%q: the same as VIRTBUS_METRICS_ADDR; the command API needs an address of its own", c.APIAddr)
+	case c.APITokenFile == "" && !loopbackAddr(c.APIAddr):
+		return fmt.Errorf("VIRTBUS_API_ADDR=%q is not a loopback address: set VIRTBUS_API_TOKEN_FILE to a file holding the API's bearer token", c.APIAddr)
+	}
+	return nil
+}
+
+// loopbackAddr reports whether addr listens only to this machine: its host
+// is in 127.0.0.0/8, ::1 or localhost. An empty host listens everywhere.
+func loopbackAddr(addr string) bool {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false
+	}
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	ip, err := netip.ParseAddr(host)
+	return err == nil && ip.IsLoopback()
 }
 
 func parseLevel(s string) (slog.Level, error) {

@@ -2,6 +2,8 @@ package main
 
 import (
 	"context"
+	"os"
+	"path/filepath"
 	"reflect"
 	"slices"
 	"strings"
@@ -16,10 +18,19 @@ func TestConfigRefusesBadValues(t *testing.T) {
 	// Nothing listens here: a value that slipped through would leave the
 	// worker waiting for NATS until the context below ends.
 	base := env{
-		"VIRTBUS_NATS_URL":  "nats://" + freeAddr(t),
-		"VIRTBUS_HOST":      "hv1",
-		"VIRTBUS_HTTP_ADDR": "off",
-		"VIRTBUS_STATE_DIR": t.TempDir(),
+		"VIRTBUS_NATS_URL":     "nats://" + freeAddr(t),
+		"VIRTBUS_HOST":         "hv1",
+		"VIRTBUS_METRICS_ADDR": "off",
+		"VIRTBUS_API_ADDR":     "off",
+		"VIRTBUS_STATE_DIR":    t.TempDir(),
+	}
+	emptyToken := filepath.Join(t.TempDir(), "empty-token")
+	newlineToken := filepath.Join(t.TempDir(), "newline-token")
+	spacedToken := filepath.Join(t.TempDir(), "spaced-token")
+	for path, content := range map[string]string{emptyToken: "", newlineToken: "\n", spacedToken: "two words\n"} {
+		if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
+			t.Fatal(err)
+		}
 	}
 	tests := []struct {
 		key, value string
@@ -40,7 +51,19 @@ func TestConfigRefusesBadValues(t *testing.T) {
 		{"VIRTBUS_DISK_ROOTS", " , ", "empty"},
 		{"VIRTBUS_DISK_ROOTS", "images", "not an absolute path"},
 		{"VIRTBUS_DISK_ROOTS", "/nonexistent/virtbus-images", "no such file"},
-		{"VIRTBUS_HTTP_ADDR", "not-an-address", "missing port"},
+		{"VIRTBUS_METRICS_ADDR", "not-an-address", "missing port"},
+		{"VIRTBUS_API_ADDR", "not-an-address", "missing port"},
+		{"VIRTBUS_API_ADDR", "127.0.0.1", "missing port"},
+		// Beyond loopback the command API needs a token.
+		{"VIRTBUS_API_ADDR", ":9481", "VIRTBUS_API_TOKEN_FILE"},
+		{"VIRTBUS_API_ADDR", "0.0.0.0:9481", "VIRTBUS_API_TOKEN_FILE"},
+		{"VIRTBUS_API_ADDR", "[::]:9481", "VIRTBUS_API_TOKEN_FILE"},
+		{"VIRTBUS_API_ADDR", "192.0.2.1:9481", "VIRTBUS_API_TOKEN_FILE"},
+		{"VIRTBUS_API_ADDR", "hv1.example.com:9481", "VIRTBUS_API_TOKEN_FILE"},
+		{"VIRTBUS_API_TOKEN_FILE", "/nonexistent/virtbus-token", "no such file"},
+		{"VIRTBUS_API_TOKEN_FILE", emptyToken, "empty"},
+		{"VIRTBUS_API_TOKEN_FILE", newlineToken, "empty"},
+		{"VIRTBUS_API_TOKEN_FILE", spacedToken, "printable ASCII without spaces"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.key+"="+tt.value, func(t *testing.T) {
@@ -96,7 +119,7 @@ func TestUsageListsEveryVariable(t *testing.T) {
 	// Every variable DESIGN.md names, whatever the struct says.
 	for _, key := range []string{"HOST", "NATS_URL", "NATS_CREDS", "NATS_USER", "NATS_PASSWORD", "NATS_TOKEN",
 		"NATS_TLS_CA", "NATS_TLS_CERT", "NATS_TLS_KEY", "DELIVERY", "STATE_DIR", "LIBVIRT_URI", "LIBVIRT_SOCKET",
-		"LIBVIRT_TIMEOUT", "QUEUE_SIZE", "CONCURRENCY", "MAX_DELIVER", "DISK_ROOTS", "HTTP_ADDR", "LOG_LEVEL", "LOG_FORMAT"} {
+		"LIBVIRT_TIMEOUT", "QUEUE_SIZE", "CONCURRENCY", "MAX_DELIVER", "DISK_ROOTS", "METRICS_ADDR", "API_ADDR", "API_TOKEN_FILE", "LOG_LEVEL", "LOG_FORMAT"} {
 		if !strings.Contains(out, "VIRTBUS_"+key+" ") {
 			t.Errorf("-h does not list VIRTBUS_%s", key)
 		}
@@ -120,5 +143,61 @@ func TestArgumentsRefused(t *testing.T) {
 	err := run(t.Context(), []string{"start"}, func(string) string { return "" }, &stdout, &stderr)
 	if err == nil || !strings.Contains(err.Error(), "VIRTBUS_") {
 		t.Errorf("worker start: error %v, want it to point at the VIRTBUS_* variables", err)
+	}
+}
+
+// TestConfigAPIListeners: which addresses count as loopback, and that the
+// API may listen anywhere once it has a token, or nowhere.
+func TestConfigAPIListeners(t *testing.T) {
+	t.Parallel()
+	for _, tt := range []struct {
+		addr     string
+		loopback bool
+	}{
+		{"127.0.0.1:9481", true},
+		{"127.3.2.1:9481", true},
+		{"[::1]:9481", true},
+		{"localhost:9481", true},
+		{"LocalHost:9481", true},
+		{":9481", false},
+		{"0.0.0.0:9481", false},
+		{"[::]:9481", false},
+		{"192.0.2.1:9481", false},
+		{"128.0.0.1:9481", false},
+		{"localhost.example.com:9481", false},
+		{"127.0.0.1.example.com:9481", false},
+		{"127.0.0.1", false},
+	} {
+		if got := loopbackAddr(tt.addr); got != tt.loopback {
+			t.Errorf("loopbackAddr(%q) = %v, want %v", tt.addr, got, tt.loopback)
+		}
+	}
+
+	base := env{"VIRTBUS_HOST": "hv1"}
+	for _, e := range []env{
+		base,
+		base.with("VIRTBUS_API_ADDR", "off"),
+		base.with("VIRTBUS_API_ADDR", "off", "VIRTBUS_METRICS_ADDR", "off"),
+		base.with("VIRTBUS_API_ADDR", "[::1]:9481"),
+		base.with("VIRTBUS_API_ADDR", ":9481", "VIRTBUS_API_TOKEN_FILE", "/etc/virtbus/api-token"),
+	} {
+		if _, err := loadConfig(e.getenv); err != nil {
+			t.Errorf("config %v: %v", e, err)
+		}
+	}
+	c, err := loadConfig(base.getenv)
+	if err != nil || c.MetricsAddr != ":9480" || c.APIAddr != "127.0.0.1:9481" || c.APITokenFile != "" {
+		t.Errorf("defaults: metrics %q, API %q, token file %q (%v); want :9480, 127.0.0.1:9481, none", c.MetricsAddr, c.APIAddr, c.APITokenFile, err)
+	}
+	if _, err := loadConfig(base.with("VIRTBUS_METRICS_ADDR", "127.0.0.1:9481").getenv); err == nil || !strings.Contains(err.Error(), "VIRTBUS_API_ADDR") {
+		t.Errorf("both listeners on 127.0.0.1:9481: error %v, want one naming VIRTBUS_API_ADDR", err)
+	}
+
+	token := filepath.Join(t.TempDir(), "token")
+	if err := os.WriteFile(token, []byte("s3cret\r\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := readAPIToken(token); err != nil || string(got) != "s3cret" {
+		t.Errorf("token file \"s3cret\\r\\n\": token %q, %v; want s3cret", got, err)
 	}
 }

@@ -100,7 +100,7 @@ func (b backlog) check(t *testing.T, lv *testbed.Live, doms []libvirt.Domain, go
 func createStream(t *testing.T, e env) {
 	t.Helper()
 	p := startProcess(t, e)
-	waitReady(t, e["VIRTBUS_HTTP_ADDR"], p.exited)
+	waitReady(t, e["VIRTBUS_METRICS_ADDR"], p.exited)
 	if err := p.signal(t, syscall.SIGTERM); err != nil {
 		t.Fatalf("worker after SIGTERM: %v, want exit 0\n%s", err, p.output)
 	}
@@ -219,7 +219,7 @@ func TestGracefulShutdownFinishesRunningCommand(t *testing.T) {
 	command(t, js, host, dom.Name, "status", "behind-stop", "", inbox)
 
 	// Wait until the stop runs, by the worker's own gauge.
-	metrics := "http://" + e["VIRTBUS_HTTP_ADDR"] + "/metrics"
+	metrics := "http://" + e["VIRTBUS_METRICS_ADDR"] + "/metrics"
 	deadline := time.Now().Add(waitTimeout)
 	for {
 		_, page := httpDo(t, "GET", metrics, nil, "")

@@ -370,7 +370,7 @@ func TestDuplicateMsgIDRunsOnce(t *testing.T) {
 	}
 	// The worker ran start once and never saw a copy: not run again, not
 	// answered again from its record. (The barrier's count moves last.)
-	waitMetrics(t, "http://"+e["VIRTBUS_HTTP_ADDR"]+"/metrics", map[string]float64{
+	waitMetrics(t, "http://"+e["VIRTBUS_METRICS_ADDR"]+"/metrics", map[string]float64{
 		`virtbus_commands_completed_total{action="stop",status="ok"}`:  1,
 		`virtbus_commands_completed_total{action="start",status="ok"}`: 1,
 		"virtbus_duplicates_suppressed_total":                          0,

@@ -129,8 +129,9 @@ func jsFor(t *testing.T, nc *nats.Conn) jetstream.JetStream {
 	return js
 }
 
-// freeAddr picks a free loopback port for VIRTBUS_HTTP_ADDR, which takes a
-// fixed address (the worker does not report the port of ":0").
+// freeAddr picks a free loopback port for VIRTBUS_METRICS_ADDR or
+// VIRTBUS_API_ADDR, which take a fixed address (the worker does not report
+// the port of ":0").
 func freeAddr(t *testing.T) string {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -179,7 +180,8 @@ func workerEnv(t *testing.T, url, host string) env {
 	return env{
 		"VIRTBUS_NATS_URL":       url,
 		"VIRTBUS_HOST":           host,
-		"VIRTBUS_HTTP_ADDR":      freeAddr(t),
+		"VIRTBUS_METRICS_ADDR":   freeAddr(t),
+		"VIRTBUS_API_ADDR":       freeAddr(t),
 		"VIRTBUS_LIBVIRT_SOCKET": testbed.Socket(),
 		"VIRTBUS_DISK_ROOTS":     testbed.ImageRoot(),
 		"VIRTBUS_STATE_DIR":      t.TempDir(),
@@ -217,7 +219,7 @@ func startWorker(t *testing.T, e env) *inProcess {
 			t.Logf("worker log:\n%s", w.stderr)
 		}
 	})
-	waitReady(t, e["VIRTBUS_HTTP_ADDR"], func() error {
+	waitReady(t, e["VIRTBUS_METRICS_ADDR"], func() error {
 		select {
 		case err := <-w.done:
 			w.once.Do(func() { w.err = err })

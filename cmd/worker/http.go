@@ -2,12 +2,21 @@ package main
 
 import (
 	"context"
+	"crypto/sha256"
+	"crypto/subtle"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
+	"mime"
+	"net"
 	"net/http"
+	"os"
+	"strings"
+	"sync"
 	"time"
+	"unicode/utf8"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -19,147 +28,340 @@ import (
 	"github.com/virtbus/virtbus/internal/vm"
 )
 
-// maxWait bounds ?wait= so a client cannot pin a connection for good.
-const maxWait = 10 * time.Minute
+// The worker listens twice. The metrics listener (metrics, health,
+// readiness) changes nothing, so it may face the network Prometheus scrapes
+// from. The command API can stop any VM of the host: it listens on loopback
+// unless given a bearer token, and takes only application/json bodies, a
+// type no browser sends cross-site without a CORS preflight it never
+// answers, so a web page cannot POST commands through a user's browser.
+const (
+	// maxWait bounds ?wait= so a client cannot pin a connection for good.
+	maxWait = 10 * time.Minute
+	// maxBody bounds a command's parameters: they are a few small fields.
+	maxBody = 64 << 10
+	// maxEcho bounds how much of a refused value an error answer repeats.
+	maxEcho = 64
+)
 
-// httpAPI serves metrics, health, and the same commands as the bus: a
-// POST publishes to this host's subject like any producer, so HTTP
-// commands queue, order and complete exactly like the others.
-type httpAPI struct {
-	nc    *nats.Conn
-	host  string
-	core  bool
-	ready func() bool
+// codeStatus is the HTTP status of a failed completion, by its error code.
+// A completion with status ok is 200.
+var codeStatus = map[string]int{
+	bus.CodeInvalid:     http.StatusBadRequest,
+	bus.CodeNotFound:    http.StatusNotFound,
+	bus.CodeForbidden:   http.StatusForbidden,
+	bus.CodeConflict:    http.StatusConflict,
+	bus.CodeExpired:     http.StatusGone,
+	bus.CodeTimeout:     http.StatusGatewayTimeout,
+	bus.CodeLibvirt:     http.StatusBadGateway,
+	bus.CodeUnavailable: http.StatusServiceUnavailable,
 }
 
-func (a *httpAPI) routes(reg *prometheus.Registry) http.Handler {
+func completionStatus(c *bus.Completion) int {
+	if c.Status == bus.StatusOK {
+		return http.StatusOK
+	}
+	if c.Error != nil {
+		if code, ok := codeStatus[c.Error.Code]; ok {
+			return code
+		}
+	}
+	return http.StatusInternalServerError
+}
+
+// startHTTP opens the listeners cfg turns on and serves them until stop.
+// Both addresses are opened before either serves, so a bad one fails the
+// start with nothing half up.
+func startHTTP(cfg config, api *httpAPI, reg *prometheus.Registry, ready func() bool, wg *sync.WaitGroup, log *slog.Logger) (stop func(), err error) {
+	listeners := []struct {
+		key, addr string
+		handler   http.Handler
+	}{
+		{"VIRTBUS_METRICS_ADDR", cfg.MetricsAddr, metricsRoutes(reg, ready)},
+		{"VIRTBUS_API_ADDR", cfg.APIAddr, api.routes()},
+	}
+	var lns []net.Listener
+	var handlers []http.Handler
+	for _, l := range listeners {
+		if l.addr == "off" {
+			continue
+		}
+		ln, err := net.Listen("tcp", l.addr)
+		if err != nil {
+			for _, open := range lns {
+				_ = open.Close()
+			}
+			return nil, fmt.Errorf("%s=%s: %w", l.key, l.addr, err)
+		}
+		lns, handlers = append(lns, ln), append(handlers, l.handler)
+		log.Info("http listening", "on", l.key, "addr", ln.Addr().String())
+	}
+	// Cancelled at stop, so a request waiting for a completion ends with
+	// the worker instead of holding the shutdown.
+	base, cancel := context.WithCancel(context.Background())
+	servers := make([]*http.Server, len(lns))
+	for i, ln := range lns {
+		srv := &http.Server{
+			Handler:           handlers[i],
+			ReadHeaderTimeout: 10 * time.Second,
+			ReadTimeout:       30 * time.Second,
+			IdleTimeout:       2 * time.Minute,
+			MaxHeaderBytes:    64 << 10,
+			BaseContext:       func(net.Listener) context.Context { return base },
+		}
+		servers[i] = srv
+		wg.Go(func() {
+			if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				log.Error("http server", "addr", ln.Addr().String(), "err", err)
+			}
+		})
+	}
+	return func() {
+		cancel()
+		ctx, done := context.WithTimeout(context.Background(), 5*time.Second)
+		defer done()
+		for _, srv := range servers {
+			_ = srv.Shutdown(ctx)
+		}
+	}, nil
+}
+
+// metricsRoutes is the read-only listener: nothing here changes anything.
+func metricsRoutes(reg *prometheus.Registry, ready func() bool) http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		_, _ = io.WriteString(w, "ok\n")
 	})
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
-		if !a.ready() {
+		if !ready() {
 			http.Error(w, "not ready: NATS or libvirt not connected", http.StatusServiceUnavailable)
 			return
 		}
 		_, _ = io.WriteString(w, "ready\n")
 	})
-	mux.HandleFunc("POST /v1/vms/{vm}/{action}", a.command)
 	return mux
 }
 
-func (a *httpAPI) command(w http.ResponseWriter, r *http.Request) {
-	name, action := r.PathValue("vm"), r.PathValue("action")
-	if !bus.ValidToken(name) {
-		writeJSON(w, http.StatusBadRequest, map[string]string{"error": fmt.Sprintf("vm %q is not a subject token: address it by UUID", name)})
-		return
+// readAPIToken reads the API's bearer token from VIRTBUS_API_TOKEN_FILE;
+// no file, no token.
+func readAPIToken(path string) ([]byte, error) {
+	if path == "" {
+		return nil, nil
 	}
-	if _, err := vm.ParseAction(action); err != nil {
-		writeJSON(w, http.StatusBadRequest, map[string]string{"error": err.Error()})
-		return
-	}
-	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, 1<<20))
+	b, err := os.ReadFile(path)
 	if err != nil {
-		writeJSON(w, http.StatusRequestEntityTooLarge, map[string]string{"error": err.Error()})
+		return nil, fmt.Errorf("VIRTBUS_API_TOKEN_FILE: %w", err)
+	}
+	token := strings.TrimRight(string(b), "\r\n")
+	if token == "" {
+		return nil, fmt.Errorf("VIRTBUS_API_TOKEN_FILE=%s: the file is empty: put the API's bearer token in it", path)
+	}
+	// An Authorization header cannot carry anything else, so such a token
+	// would lock every client out.
+	for i := range len(token) {
+		if c := token[i]; c <= ' ' || c >= 0x7f {
+			return nil, fmt.Errorf("VIRTBUS_API_TOKEN_FILE=%s: the token must be printable ASCII without spaces", path)
+		}
+	}
+	return []byte(token), nil
+}
+
+// httpAPI publishes commands to this host's subject like any producer, so
+// HTTP commands queue, order and complete exactly like the others.
+type httpAPI struct {
+	nc   *nats.Conn
+	js   jetstream.JetStream
+	host string
+	core bool
+	// tokenSum is the SHA-256 of the bearer token, nil when none is asked.
+	// Comparing sums keeps the comparison's time independent of the
+	// token's length too.
+	tokenSum *[sha256.Size]byte
+}
+
+func newHTTPAPI(nc *nats.Conn, host string, core bool, token []byte) (*httpAPI, error) {
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return nil, err
+	}
+	a := &httpAPI{nc: nc, js: js, host: host, core: core}
+	if token != nil {
+		sum := sha256.Sum256(token)
+		a.tokenSum = &sum
+	}
+	return a, nil
+}
+
+func (a *httpAPI) routes() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /v1/vms/{vm}/{action}", a.command)
+	return a.authorize(mux)
+}
+
+// authorize lets a request through only with the bearer token, when there
+// is one.
+func (a *httpAPI) authorize(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if a.tokenSum != nil {
+			scheme, token, _ := strings.Cut(r.Header.Get("Authorization"), " ")
+			sum := sha256.Sum256([]byte(token))
+			if !strings.EqualFold(scheme, "Bearer") || subtle.ConstantTimeCompare(sum[:], a.tokenSum[:]) != 1 {
+				w.Header().Set("WWW-Authenticate", "Bearer")
+				writeJSON(w, http.StatusUnauthorized, map[string]string{"error": "missing or wrong bearer token"})
+				return
+			}
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+// apiCommand is one POST /v1/vms/{vm}/{action} that passed every check.
+type apiCommand struct {
+	vm, action, id string
+	body           []byte
+	wait           time.Duration
+}
+
+// refusal is why a request is not published: its status and message.
+type refusal struct {
+	status int
+	msg    string
+}
+
+func (a *httpAPI) command(w http.ResponseWriter, r *http.Request) {
+	cmd, no := readCommand(w, r)
+	if no != nil {
+		writeJSON(w, no.status, map[string]string{"error": no.msg})
 		return
 	}
-	var wait time.Duration
-	if s := r.URL.Query().Get("wait"); s != "" {
-		if wait, err = time.ParseDuration(s); err != nil || wait < 0 || wait > maxWait {
-			writeJSON(w, http.StatusBadRequest, map[string]string{"error": fmt.Sprintf("wait=%q: want a duration up to %s", s, maxWait)})
+	msg := nats.NewMsg(bus.CommandSubject(a.host, cmd.vm, cmd.action))
+	msg.Header.Set(bus.HeaderMsgID, cmd.id)
+	msg.Data = cmd.body
+
+	// The answer comes from the command's event subject, where the worker
+	// publishes every completion whoever sent the command: the worker
+	// answers no reply subject in its own inbox, which is where this
+	// connection's replies would go. Subscribe before publishing, or a fast
+	// completion is missed.
+	var events *nats.Subscription
+	if cmd.wait > 0 {
+		var err error
+		if events, err = a.nc.SubscribeSync(bus.EventSubject(a.host, cmd.vm, cmd.action)); err != nil {
+			writeJSON(w, http.StatusServiceUnavailable, map[string]string{"id": cmd.id, "error": err.Error()})
 			return
 		}
+		defer func() { _ = events.Unsubscribe() }()
+	}
+	ack, err := a.publish(r.Context(), msg)
+	if err != nil {
+		writeJSON(w, http.StatusServiceUnavailable, map[string]string{"id": cmd.id, "error": "publish: " + err.Error()})
+		return
+	}
+	if cmd.wait == 0 {
+		queued := map[string]any{"id": cmd.id}
+		if ack != nil {
+			queued["seq"], queued["duplicate"] = ack.Sequence, ack.Duplicate
+		}
+		writeJSON(w, http.StatusAccepted, queued)
+		return
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), cmd.wait)
+	defer cancel()
+	if ack != nil && ack.Duplicate {
+		// The stream dropped this copy, so it runs no more: the first
+		// copy's recorded completion is the answer.
+		c, err := bus.AwaitCompletion(ctx, a.js, a.host, cmd.id)
+		if err != nil {
+			writeJSON(w, http.StatusGatewayTimeout, map[string]string{"id": cmd.id, "error": fmt.Sprintf("duplicate of a command whose completion is not recorded within %s: %v", cmd.wait, err)})
+			return
+		}
+		writeJSON(w, completionStatus(c), c)
+		return
+	}
+	awaitEvent(ctx, w, events, cmd)
+}
+
+// publish sends the command to JetStream and returns its PubAck or, in core
+// mode, publishes it at most once and returns no ack.
+func (a *httpAPI) publish(ctx context.Context, msg *nats.Msg) (*jetstream.PubAck, error) {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if a.core {
+		if err := a.nc.PublishMsg(msg); err != nil {
+			return nil, err
+		}
+		return nil, a.nc.FlushWithContext(ctx)
+	}
+	return a.js.PublishMsg(ctx, msg)
+}
+
+// readCommand checks everything the client sent, before anything is
+// published. An answer repeats at most maxEcho bytes of a refused value.
+func readCommand(w http.ResponseWriter, r *http.Request) (apiCommand, *refusal) {
+	cmd := apiCommand{vm: r.PathValue("vm"), action: r.PathValue("action"), id: r.Header.Get("Idempotency-Key")}
+	if mt, _, err := mime.ParseMediaType(r.Header.Get("Content-Type")); err != nil || mt != "application/json" {
+		return cmd, &refusal{http.StatusUnsupportedMediaType, "Content-Type must be application/json"}
+	}
+	if !bus.ValidToken(cmd.vm) {
+		return cmd, &refusal{http.StatusBadRequest, fmt.Sprintf("vm %q is not a subject token of at most %d bytes: address it by UUID", clip(cmd.vm), bus.MaxTokenLen)}
+	}
+	if _, err := vm.ParseAction(cmd.action); err != nil {
+		return cmd, &refusal{http.StatusBadRequest, fmt.Sprintf("unknown action %q (known: %s)", clip(cmd.action), strings.Join(actionNames(), ", "))}
 	}
 	// A client that retries a POST sends the same Idempotency-Key, and the
 	// stream's duplicate window drops the second copy.
-	id := r.Header.Get("Idempotency-Key")
-	if id == "" {
-		id = nuid.Next()
+	switch {
+	case cmd.id == "":
+		cmd.id = nuid.Next()
+	case !bus.ValidID(cmd.id):
+		return cmd, &refusal{http.StatusBadRequest, fmt.Sprintf("Idempotency-Key %q: want 1 to %d bytes of [A-Za-z0-9._:-]", clip(cmd.id), bus.MaxIDLen)}
 	}
-	msg := nats.NewMsg(bus.CommandSubject(a.host, name, action))
-	msg.Header.Set(bus.HeaderMsgID, id)
-	msg.Data = body
+	if s := r.URL.Query().Get("wait"); s != "" {
+		d, err := time.ParseDuration(s)
+		if err != nil || d < 0 || d > maxWait {
+			return cmd, &refusal{http.StatusBadRequest, fmt.Sprintf("wait=%q: want a duration up to %s", clip(s), maxWait)}
+		}
+		cmd.wait = d
+	}
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBody))
+	var tooLarge *http.MaxBytesError
+	switch {
+	case errors.As(err, &tooLarge):
+		return cmd, &refusal{http.StatusRequestEntityTooLarge, fmt.Sprintf("body larger than %d bytes", maxBody)}
+	case err != nil:
+		return cmd, &refusal{http.StatusBadRequest, "read body: " + err.Error()}
+	}
+	cmd.body = body
+	return cmd, nil
+}
 
-	ctx := r.Context()
-	if wait > 0 {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, wait)
-		defer cancel()
-	}
-	if a.core {
-		a.commandCore(ctx, w, msg, id, wait)
-		return
-	}
-	var sub *nats.Subscription
-	if wait > 0 {
-		// Subscribe before publishing, or a fast completion is missed.
-		if sub, err = a.nc.SubscribeSync(a.nc.NewRespInbox()); err != nil {
-			writeJSON(w, http.StatusServiceUnavailable, map[string]string{"error": err.Error()})
-			return
-		}
-		defer func() { _ = sub.Unsubscribe() }()
-		msg.Header.Set(bus.HeaderReply, sub.Subject)
-	}
-	js, err := jetstream.New(a.nc)
-	if err != nil {
-		writeJSON(w, http.StatusServiceUnavailable, map[string]string{"error": err.Error()})
-		return
-	}
-	pctx, cancel := context.WithTimeout(r.Context(), 10*time.Second)
-	defer cancel()
-	ack, err := js.PublishMsg(pctx, msg)
-	if err != nil {
-		writeJSON(w, http.StatusServiceUnavailable, map[string]string{"id": id, "error": "publish: " + err.Error()})
-		return
-	}
-	if wait == 0 {
-		writeJSON(w, http.StatusAccepted, map[string]any{"id": id, "seq": ack.Sequence, "duplicate": ack.Duplicate})
-		return
-	}
-	if ack.Duplicate {
-		// The stream dropped this copy, so nothing answers our inbox: the
-		// first copy's recorded completion is the answer.
-		c, err := bus.AwaitCompletion(ctx, js, a.host, id)
-		if err != nil {
-			writeJSON(w, http.StatusGatewayTimeout, map[string]string{"id": id, "error": fmt.Sprintf("duplicate of a command whose completion is not recorded within %s: %v", wait, err)})
-			return
-		}
-		writeJSON(w, http.StatusOK, c)
-		return
-	}
+// awaitEvent answers with the completion of cmd, skipping those of other
+// commands for the same VM and action.
+func awaitEvent(ctx context.Context, w http.ResponseWriter, events *nats.Subscription, cmd apiCommand) {
 	for {
-		m, err := sub.NextMsgWithContext(ctx)
+		m, err := events.NextMsgWithContext(ctx)
 		if err != nil {
-			writeJSON(w, http.StatusGatewayTimeout, map[string]string{"id": id, "error": fmt.Sprintf("no completion within %s; the command is queued", wait)})
+			writeJSON(w, http.StatusGatewayTimeout, map[string]string{"id": cmd.id, "error": fmt.Sprintf("no completion within %s; the command was published and may still run", cmd.wait)})
 			return
 		}
 		var c bus.Completion
-		if json.Unmarshal(m.Data, &c) == nil && c.ID == id {
-			writeRaw(w, http.StatusOK, m.Data)
+		if json.Unmarshal(m.Data, &c) == nil && c.ID == cmd.id {
+			writeRaw(w, completionStatus(&c), m.Data)
 			return
 		}
 	}
 }
 
-func (a *httpAPI) commandCore(ctx context.Context, w http.ResponseWriter, msg *nats.Msg, id string, wait time.Duration) {
-	if wait == 0 {
-		if err := a.nc.PublishMsg(msg); err != nil {
-			writeJSON(w, http.StatusServiceUnavailable, map[string]string{"id": id, "error": err.Error()})
-			return
-		}
-		writeJSON(w, http.StatusAccepted, map[string]any{"id": id})
-		return
+// clip shortens a client's value for an error answer, on a rune boundary.
+func clip(s string) string {
+	if len(s) <= maxEcho {
+		return s
 	}
-	reply, err := a.nc.RequestMsgWithContext(ctx, msg)
-	switch {
-	case errors.Is(err, context.DeadlineExceeded):
-		writeJSON(w, http.StatusGatewayTimeout, map[string]string{"id": id, "error": fmt.Sprintf("no completion within %s", wait)})
-	case err != nil:
-		writeJSON(w, http.StatusServiceUnavailable, map[string]string{"id": id, "error": err.Error()})
-	default:
-		writeRaw(w, http.StatusOK, reply.Data)
+	n := maxEcho
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
 	}
+	return s[:n] + "..."
 }
 
 func writeJSON(w http.ResponseWriter, code int, v any) {

@@ -9,14 +9,11 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"net"
-	"net/http"
 	"os"
 	"os/signal"
 	"path/filepath"
 	"sync"
 	"syscall"
-	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/prometheus/client_golang/prometheus"
@@ -58,6 +55,10 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return fmt.Errorf("unexpected arguments %q: the worker is configured through VIRTBUS_* variables (worker -h lists them)", fs.Args())
 	}
 	cfg, err := loadConfig(getenv)
+	if err != nil {
+		return err
+	}
+	apiToken, err := readAPIToken(cfg.APITokenFile)
 	if err != nil {
 		return err
 	}
@@ -114,25 +115,15 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	defer stopConn()
 	wg.Go(func() { conn.Run(connCtx) })
 
-	if cfg.HTTPAddr != "off" {
-		ln, err := net.Listen("tcp", cfg.HTTPAddr)
-		if err != nil {
-			return fmt.Errorf("VIRTBUS_HTTP_ADDR=%s: %w", cfg.HTTPAddr, err)
-		}
-		api := &httpAPI{nc: nc, host: cfg.Host, core: cfg.Delivery == bus.DeliveryCore, ready: func() bool { return w.Ready() && conn.Up() }}
-		srv := &http.Server{Handler: api.routes(reg), ReadHeaderTimeout: 10 * time.Second}
-		wg.Go(func() {
-			if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-				log.Error("http server", "err", err)
-			}
-		})
-		defer func() {
-			sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-			defer cancel()
-			_ = srv.Shutdown(sctx)
-		}()
-		log.Info("http listening", "addr", ln.Addr().String())
+	api, err := newHTTPAPI(nc, cfg.Host, cfg.Delivery == bus.DeliveryCore, apiToken)
+	if err != nil {
+		return err
 	}
+	stopHTTP, err := startHTTP(cfg, api, reg, func() bool { return w.Ready() && conn.Up() }, &wg, log)
+	if err != nil {
+		return err
+	}
+	defer stopHTTP()
 
 	fmt.Fprintf(stdout, "virtbus worker %s: commands on %s, delivery %s\n", cfg.Host, bus.CommandSubject(cfg.Host, "*", "*"), cfg.Delivery)
 	// Run returns once ctx has ended and the running commands are finished
