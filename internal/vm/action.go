@@ -25,5 +25,5 @@ func ParseAction(s string) (Action, error) {
 			return a, nil
 		}
 	}
-	return "", fmt.Errorf("%w: unknown action %q (known: start, stop, reboot, attach-disk, detach-disk, status)", ErrInvalid, s)
+	return "", fmt.Errorf("%w: unknown action %q (known: start, stop, reboot, attach-disk, detach-disk, status)", ErrInvalid, clip(s))
 }

@@ -14,19 +14,26 @@ import (
 // attach hot-plugs a disk image into the live domain and, when persistent,
 // into its config. The same source already attached is ok and unchanged.
 func (e *Executor) attach(ctx context.Context, vm string, p AttachParams) (Result, error) {
-	src, err := e.cfg.Roots.Resolve(p.Path)
+	// The domain first: a {vm} disk root is the domain's own directory,
+	// named by libvirt's name for it, also when addressed by UUID.
+	dom, st, err := e.find(ctx, vm)
 	if err != nil {
 		return Result{}, err
 	}
-	dom, st, err := e.find(ctx, vm)
+	src, err := e.cfg.Roots.Resolve(p.Path, dom.Name)
 	if err != nil {
 		return Result{}, err
 	}
 	live := st != libvirt.DomainShutoff
 	persistent := *p.Persistent
 	if !live && !persistent {
-		return Result{}, fmt.Errorf("%w: domain %s is shut off: a non-persistent attach needs a running domain", ErrConflict, vm)
+		return Result{}, fmt.Errorf("%w: domain %s is shut off: a non-persistent attach needs a running domain", ErrConflict, dom.Name)
 	}
+	unlock, err := e.lockAttach(ctx)
+	if err != nil {
+		return Result{}, err
+	}
+	defer unlock()
 	// The live definition when the domain runs, else the config: the one
 	// the attach must show up in.
 	cur, err := e.domainXML(ctx, dom, 0)
@@ -36,25 +43,13 @@ func (e *Executor) attach(ctx context.Context, vm string, p AttachParams) (Resul
 	if d, ok := findDisk(cur, "", src); ok {
 		return Result{State: StateName(st), Detail: map[string]any{"target": diskTarget(d), "bus": diskBus(d)}}, nil
 	}
-	used := usedTargets(cur)
-	if live && persistent {
-		cfg, err := e.domainXML(ctx, dom, libvirt.DomainXMLInactive)
-		if err != nil {
-			return Result{}, err
-		}
-		for t := range usedTargets(cfg) {
-			used[t] = true
-		}
+	if err := e.checkShared(ctx, dom, src, p.ReadOnly); err != nil {
+		return Result{}, err
 	}
-	target := p.Target
-	if target == "" {
-		if target = nextFreeTarget(targetPrefix(p.Bus), used); target == "" {
-			return Result{}, fmt.Errorf("%w: no free %s… target left on %s", ErrConflict, targetPrefix(p.Bus), vm)
-		}
-	} else if used[target] {
-		return Result{}, fmt.Errorf("%w: target %s is already used by another disk on %s", ErrConflict, target, vm)
+	target, err := e.pickTarget(ctx, dom, cur, p, live && persistent)
+	if err != nil {
+		return Result{}, err
 	}
-
 	disk := libvirtxml.DomainDisk{
 		Device: "disk",
 		Driver: &libvirtxml.DomainDiskDriver{Name: "qemu", Type: p.Format},
@@ -64,27 +59,74 @@ func (e *Executor) attach(ctx context.Context, vm string, p AttachParams) (Resul
 	if p.ReadOnly {
 		disk.ReadOnly = &libvirtxml.DomainDiskReadOnly{}
 	}
+	if err := e.plug(ctx, dom, disk, deviceFlags(live, persistent)); err != nil {
+		return Result{}, err
+	}
+	return Result{Changed: true, State: StateName(st), Detail: map[string]any{"target": target, "bus": p.Bus}}, nil
+}
+
+// lockAttach lets one attach at a time past the check that no other domain
+// uses the file: two attaches of one file to two domains, run side by side
+// by a worker with more than one command in flight, would both pass it.
+func (e *Executor) lockAttach(ctx context.Context) (unlock func(), err error) {
+	select {
+	case e.attaching <- struct{}{}:
+		return func() { <-e.attaching }, nil
+	case <-ctx.Done():
+		return nil, fmt.Errorf("wait for another attach: %w: %v", ErrUnavailable, context.Cause(ctx))
+	}
+}
+
+// pickTarget returns the asked target, or the next free one for the bus,
+// after the targets in use live and, when the attach reaches the config
+// too (config), there.
+func (e *Executor) pickTarget(ctx context.Context, dom libvirt.Domain, cur *libvirtxml.Domain, p AttachParams, config bool) (string, error) {
+	used := usedTargets(cur)
+	if config {
+		cfg, err := e.domainXML(ctx, dom, libvirt.DomainXMLInactive)
+		if err != nil {
+			return "", err
+		}
+		for t := range usedTargets(cfg) {
+			used[t] = true
+		}
+	}
+	if p.Target == "" {
+		target := nextFreeTarget(targetPrefix(p.Bus), used)
+		if target == "" {
+			return "", fmt.Errorf("%w: no free %s… target left on %s", ErrConflict, targetPrefix(p.Bus), dom.Name)
+		}
+		return target, nil
+	}
+	if used[p.Target] {
+		return "", fmt.Errorf("%w: target %s is already used by another disk on %s", ErrConflict, p.Target, dom.Name)
+	}
+	return p.Target, nil
+}
+
+// plug attaches disk and checks that the domain has it.
+func (e *Executor) plug(ctx context.Context, dom libvirt.Domain, disk libvirtxml.DomainDisk, flags uint32) error {
 	doc, err := disk.Marshal()
 	if err != nil {
-		return Result{}, fmt.Errorf("%w: build disk XML: %v", ErrInvalid, err)
+		return fmt.Errorf("%w: build disk XML: %v", ErrInvalid, err)
 	}
-	flags := deviceFlags(live, persistent)
-	callErr := e.conn.call(ctx, fmt.Sprintf("attach disk %s to %s", src, vm), func(l *libvirt.Libvirt) error {
+	src, target := diskSource(disk), diskTarget(disk)
+	callErr := e.conn.call(ctx, fmt.Sprintf("attach disk %s to %s", clip(src), dom.Name), func(l *libvirt.Libvirt) error {
 		return l.DomainAttachDeviceFlags(dom, doc, flags)
 	})
 	// The domain says whether it worked, even after an error: a call
 	// retried after a lost connection may have attached it on its first try.
 	after, err := e.domainXML(ctx, dom, 0)
 	if callErr != nil && (err != nil || !hasDisk(after, target, src)) {
-		return Result{}, callErr
+		return callErr
 	}
 	if err != nil {
-		return Result{}, err
+		return err
 	}
 	if !hasDisk(after, target, src) {
-		return Result{}, fmt.Errorf("%w: attach disk %s to %s: libvirt said yes but %s is not in the domain", ErrLibvirt, src, vm, target)
+		return fmt.Errorf("%w: attach disk %s to %s: libvirt said yes but %s is not in the domain", ErrLibvirt, clip(src), dom.Name, target)
 	}
-	return Result{Changed: true, State: StateName(st), Detail: map[string]any{"target": target, "bus": p.Bus}}, nil
+	return nil
 }
 
 // detach unplugs a disk, found by target or source path. It is ok only once

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"unicode/utf8"
 
 	"github.com/digitalocean/go-libvirt"
 )
@@ -99,4 +100,25 @@ func Message(err error) string {
 		}
 	}
 	return msg
+}
+
+// clipBytes bounds a client-sent value echoed in an error message: a client
+// may send a megabyte of mode or path, and the completion carrying the
+// message must stay small.
+const clipBytes = 64
+
+// clip shortens s for an error message to clipBytes, cut on a rune
+// boundary, and says how long it was.
+func clip(s string) string { return clipAt(s, clipBytes) }
+
+// clipAt is clip at n bytes, for text that is mostly ours around a client's.
+func clipAt(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	cut := n
+	for i := 1; i < utf8.UTFMax && cut > 0 && !utf8.RuneStart(s[cut]); i++ {
+		cut--
+	}
+	return fmt.Sprintf("%s… (%d bytes)", s[:cut], len(s))
 }

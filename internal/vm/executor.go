@@ -39,6 +39,8 @@ type Executor struct {
 	conn *Conn
 	cfg  Config
 	log  *slog.Logger
+
+	attaching chan struct{} // held by the attach past its sharing check
 }
 
 // NewExecutor returns an executor that talks through conn.
@@ -49,7 +51,7 @@ func NewExecutor(conn *Conn, cfg Config, log *slog.Logger) *Executor {
 	if cfg.Poll <= 0 {
 		cfg.Poll = 200 * time.Millisecond
 	}
-	return &Executor{conn: conn, cfg: cfg, log: log}
+	return &Executor{conn: conn, cfg: cfg, log: log, attaching: make(chan struct{}, 1)}
 }
 
 // Do runs action on the domain named (or with the UUID) vm. params is the
@@ -92,14 +94,14 @@ func (e *Executor) Do(ctx context.Context, vm string, action Action, params json
 		}
 		return e.status(ctx, vm)
 	}
-	return Result{}, fmt.Errorf("%w: unknown action %q", ErrInvalid, action)
+	return Result{}, fmt.Errorf("%w: unknown action %q", ErrInvalid, clip(string(action)))
 }
 
 // lookup finds a domain by UUID (when vm looks like one) or by name.
 func (e *Executor) lookup(ctx context.Context, vm string) (libvirt.Domain, error) {
 	var dom libvirt.Domain
 	if uuid, ok := parseUUID(vm); ok {
-		err := e.conn.call(ctx, "look up domain "+vm, func(l *libvirt.Libvirt) (err error) {
+		err := e.conn.call(ctx, "look up domain "+clip(vm), func(l *libvirt.Libvirt) (err error) {
 			dom, err = l.DomainLookupByUUID(uuid)
 			return err
 		})
@@ -110,12 +112,12 @@ func (e *Executor) lookup(ctx context.Context, vm string) (libvirt.Domain, error
 			return dom, err
 		}
 	}
-	err := e.conn.call(ctx, "look up domain "+vm, func(l *libvirt.Libvirt) (err error) {
+	err := e.conn.call(ctx, "look up domain "+clip(vm), func(l *libvirt.Libvirt) (err error) {
 		dom, err = l.DomainLookupByName(vm)
 		return err
 	})
 	if errors.Is(err, ErrNotFound) {
-		return dom, fmt.Errorf("%w: domain %q", ErrNotFound, vm)
+		return dom, fmt.Errorf("%w: domain %q", ErrNotFound, clip(vm))
 	}
 	return dom, err
 }

@@ -5,8 +5,10 @@ import (
 	"encoding/json"
 	"fmt"
 	"log/slog"
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"syscall"
 	"testing"
 	"time"
@@ -26,6 +28,12 @@ type harness struct {
 
 func newHarness(t *testing.T) harness {
 	t.Helper()
+	return newHarnessRoots(t, testbed.ImageRoot())
+}
+
+// newHarnessRoots is newHarness with the disk roots given.
+func newHarnessRoots(t *testing.T, diskRoots ...string) harness {
+	t.Helper()
 	l := testbed.Require(t)
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	conn := vm.NewConn(testbed.Socket(), "qemu:///system", 15*time.Second, log)
@@ -33,7 +41,7 @@ func newHarness(t *testing.T) harness {
 	done := make(chan struct{})
 	go func() { conn.Run(ctx); close(done) }()
 	t.Cleanup(func() { cancel(); <-done })
-	roots, err := vm.NewDiskRoots([]string{testbed.ImageRoot()})
+	roots, err := vm.NewDiskRoots(diskRoots)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -541,4 +549,131 @@ func configDisk(t *testing.T, l *libvirt.Libvirt, dom libvirt.Domain, target str
 		}
 	}
 	return libvirtxml.DomainDisk{}, false
+}
+
+// With a {vm} disk root a domain attaches only from its own directory, by
+// name or by UUID, and never from another domain's.
+func TestAttachPerVMRoots(t *testing.T) {
+	t.Parallel()
+	dir := testbed.Dir(t)
+	h := newHarnessRoots(t, filepath.Join(dir, "{vm}"))
+	a := testbed.Domain(t, h.l, "pervm-a", testbed.DomainOptions{Running: true})
+	b := testbed.Domain(t, h.l, "pervm-b", testbed.DomainOptions{})
+	own, other := imageIn(t, filepath.Join(dir, a.Name)), imageIn(t, filepath.Join(dir, b.Name))
+
+	res, err := h.do(t, uuidOf(a), vm.AttachDisk, `{"path":"`+own+`","bus":"scsi"}`)
+	if err != nil || !res.Changed || res.State != "running" || res.Detail["target"] != "sda" {
+		t.Fatalf("attach from its own dir by UUID: %+v, %v", res, err)
+	}
+	if got := testbed.Disks(t, h.l, a, false)["sda"]; got != own {
+		t.Fatalf("live sda of %s is %q, want %s", a.Name, got, own)
+	}
+	for _, p := range []string{
+		other,
+		filepath.Join(dir, a.Name, "..", b.Name, "disk.img"),
+		filepath.Join(dir, "disk.img"),
+	} {
+		h.fails(t, a.Name, vm.AttachDisk, `{"path":"`+p+`"}`, "forbidden")
+		h.fails(t, uuidOf(a), vm.AttachDisk, `{"path":"`+p+`"}`, "forbidden")
+	}
+	if disks := testbed.Disks(t, h.l, a, false); len(disks) != 1 {
+		t.Fatalf("%s has disks %v, want only sda", a.Name, disks)
+	}
+	// The other domain's image is fine for the other domain.
+	h.ok(t, b, vm.AttachDisk, `{"path":"`+other+`"}`, true, "shutoff")
+	if got := testbed.Disks(t, h.l, b, true)["vda"]; got != other {
+		t.Fatalf("config vda of %s is %q, want %s", b.Name, got, other)
+	}
+}
+
+// A file one domain uses may go to another only when both attaches are
+// read-only, whichever definition of the holder has it and however its
+// path is spelled there.
+func TestAttachSharedDisk(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t)
+	running := testbed.Domain(t, h.l, "share-run", testbed.DomainOptions{Running: true})
+	off := testbed.Domain(t, h.l, "share-off", testbed.DomainOptions{})
+	live := libvirt.DomainDeviceModifyLive
+	config := libvirt.DomainDeviceModifyConfig
+	for i, c := range []struct {
+		name             string
+		holder           libvirt.Domain
+		holderFlags      libvirt.DomainDeviceModifyFlags
+		holderReadOnly   bool
+		holderSymlink    bool // the holder names the file through a symlink
+		attacher         libvirt.Domain
+		attacherReadOnly bool
+		want             string // error code; empty: attached
+	}{
+		{"rw then rw", running, live | config, false, false, off, false, "forbidden"},
+		{"rw then ro", running, live | config, false, false, off, true, "forbidden"},
+		{"ro then rw", running, live | config, true, false, off, false, "forbidden"},
+		{"ro then ro", running, live | config, true, false, off, true, ""},
+		{"rw in the config of a running domain", running, config, false, false, off, true, "forbidden"},
+		{"rw through a symlink", running, live, false, true, off, false, "forbidden"},
+		{"rw in a shut off domain", off, config, false, false, running, false, "forbidden"},
+		{"ro in a shut off domain, then ro", off, config, true, false, running, true, ""},
+	} {
+		img := testbed.DiskImage(t, 1)
+		held := img
+		if c.holderSymlink {
+			held = filepath.Join(testbed.Dir(t), "alias.img")
+			mustSymlink(t, img, held)
+		}
+		attachDirect(t, h.l, c.holder, held, "vd"+string(rune('b'+i)), c.holderReadOnly, c.holderFlags)
+		params := fmt.Sprintf(`{"path":%q,"readonly":%v}`, img, c.attacherReadOnly)
+		shutoff := c.attacher.Name == off.Name
+		if c.want != "" {
+			h.fails(t, c.attacher.Name, vm.AttachDisk, params, c.want)
+		} else if _, err := h.do(t, c.attacher.Name, vm.AttachDisk, params); err != nil {
+			t.Fatalf("%s: attach to %s: %v", c.name, c.attacher.Name, err)
+		}
+		attached := slices.Contains(slices.Collect(maps.Values(testbed.Disks(t, h.l, c.attacher, shutoff))), img)
+		if attached != (c.want == "") {
+			t.Fatalf("%s: %s has the image: %v, want %v", c.name, c.attacher.Name, attached, c.want == "")
+		}
+	}
+}
+
+// attachDirect attaches img to dom through libvirt, around virtbus, as
+// another tool (virsh) may have done.
+func attachDirect(t *testing.T, l *libvirt.Libvirt, dom libvirt.Domain, img, target string, readonly bool, flags libvirt.DomainDeviceModifyFlags) {
+	t.Helper()
+	disk := libvirtxml.DomainDisk{
+		Device: "disk",
+		Driver: &libvirtxml.DomainDiskDriver{Name: "qemu", Type: "raw"},
+		Source: &libvirtxml.DomainDiskSource{File: &libvirtxml.DomainDiskSourceFile{File: img}},
+		Target: &libvirtxml.DomainDiskTarget{Dev: target, Bus: "virtio"},
+	}
+	if readonly {
+		disk.ReadOnly = &libvirtxml.DomainDiskReadOnly{}
+	}
+	doc, err := disk.Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := l.DomainAttachDeviceFlags(dom, doc, uint32(flags)); err != nil {
+		t.Fatalf("attach %s to %s: %v", img, dom.Name, err)
+	}
+}
+
+// imageIn makes dir (reachable for QEMU) with a 1 MiB disk.img in it; the
+// test's testbed.Dir that holds it removes both.
+func imageIn(t *testing.T, dir string) string {
+	t.Helper()
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(dir, 0o755); err != nil { // Mkdir's mode is cut by the umask
+		t.Fatal(err)
+	}
+	p := filepath.Join(dir, "disk.img")
+	if err := os.WriteFile(p, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(p, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	return p
 }

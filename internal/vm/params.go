@@ -27,11 +27,12 @@ type Duration time.Duration
 func (d *Duration) UnmarshalJSON(b []byte) error {
 	var s string
 	if err := json.Unmarshal(b, &s); err != nil {
-		return fmt.Errorf("duration must be a string such as \"90s\", got %s", b)
+		return fmt.Errorf("duration must be a string such as \"90s\", got %s", clip(string(b)))
 	}
+	// ParseDuration's own error quotes all of s.
 	v, err := time.ParseDuration(s)
 	if err != nil {
-		return err
+		return fmt.Errorf("duration %q: want a Go duration such as \"90s\"", clip(s))
 	}
 	*d = Duration(v)
 	return nil
@@ -67,6 +68,9 @@ type DetachParams struct {
 	Persistent *bool    `json:"persistent"` // default true
 }
 
+// jsonErrBytes bounds a decoding error in a message.
+const jsonErrBytes = 160
+
 // targetRe matches the device names libvirt accepts for disks: vda, sdb,
 // vdaa and so on.
 var targetRe = regexp.MustCompile(`^(vd|sd)[a-z]{1,3}$`)
@@ -80,7 +84,9 @@ func decode(raw json.RawMessage, v any) error {
 	dec := json.NewDecoder(bytes.NewReader(raw))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
-		return fmt.Errorf("%w: parameters: %v", ErrInvalid, err)
+		// json's messages quote what they refuse (an unknown key of any
+		// length); most of the text is json's own, hence the wider bound.
+		return fmt.Errorf("%w: parameters: %s", ErrInvalid, clipAt(err.Error(), jsonErrBytes))
 	}
 	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
 		return fmt.Errorf("%w: parameters: trailing data after the JSON object", ErrInvalid)
@@ -110,7 +116,7 @@ func ParseStop(raw json.RawMessage) (StopParams, error) {
 		p.Mode = "graceful"
 	case "graceful", "force":
 	default:
-		return p, fmt.Errorf("%w: mode %q: want graceful or force", ErrInvalid, p.Mode)
+		return p, fmt.Errorf("%w: mode %q: want graceful or force", ErrInvalid, clip(p.Mode))
 	}
 	t, err := timeoutOr(p.Timeout, DefaultStopTimeout)
 	p.Timeout = Duration(t)
@@ -128,7 +134,7 @@ func ParseReboot(raw json.RawMessage) (RebootParams, error) {
 		p.Mode = "soft"
 	case "soft", "hard":
 	default:
-		return p, fmt.Errorf("%w: mode %q: want soft or hard", ErrInvalid, p.Mode)
+		return p, fmt.Errorf("%w: mode %q: want soft or hard", ErrInvalid, clip(p.Mode))
 	}
 	t, err := timeoutOr(p.Timeout, DefaultRebootTimeout)
 	p.Timeout = Duration(t)
@@ -146,23 +152,26 @@ func ParseAttach(raw json.RawMessage) (AttachParams, error) {
 	if strings.TrimSpace(p.Path) == "" {
 		return p, fmt.Errorf("%w: path is required", ErrInvalid)
 	}
+	if err := checkPathLen(p.Path); err != nil {
+		return p, err
+	}
 	switch p.Bus {
 	case "":
 		p.Bus = "virtio"
 	case "virtio", "scsi", "sata":
 	default:
-		return p, fmt.Errorf("%w: bus %q: want virtio, scsi or sata", ErrInvalid, p.Bus)
+		return p, fmt.Errorf("%w: bus %q: want virtio, scsi or sata", ErrInvalid, clip(p.Bus))
 	}
 	switch p.Format {
 	case "":
 		p.Format = "raw"
 	case "raw", "qcow2":
 	default:
-		return p, fmt.Errorf("%w: format %q: want raw or qcow2", ErrInvalid, p.Format)
+		return p, fmt.Errorf("%w: format %q: want raw or qcow2", ErrInvalid, clip(p.Format))
 	}
 	if p.Target != "" {
 		if !targetRe.MatchString(p.Target) {
-			return p, fmt.Errorf("%w: target %q: want a disk device name such as vdb or sdb", ErrInvalid, p.Target)
+			return p, fmt.Errorf("%w: target %q: want a disk device name such as vdb or sdb", ErrInvalid, clip(p.Target))
 		}
 		if want := targetPrefix(p.Bus); !strings.HasPrefix(p.Target, want) {
 			return p, fmt.Errorf("%w: target %q does not fit bus %s (want %s…)", ErrInvalid, p.Target, p.Bus, want)
@@ -185,7 +194,10 @@ func ParseDetach(raw json.RawMessage) (DetachParams, error) {
 		return p, fmt.Errorf("%w: target or path is required", ErrInvalid)
 	}
 	if p.Target != "" && !targetRe.MatchString(p.Target) {
-		return p, fmt.Errorf("%w: target %q: want a disk device name such as vdb or sdb", ErrInvalid, p.Target)
+		return p, fmt.Errorf("%w: target %q: want a disk device name such as vdb or sdb", ErrInvalid, clip(p.Target))
+	}
+	if err := checkPathLen(p.Path); err != nil {
+		return p, err
 	}
 	t, err := timeoutOr(p.Timeout, DefaultDetachTimeout)
 	p.Timeout = Duration(t)
@@ -200,6 +212,15 @@ func ParseDetach(raw json.RawMessage) (DetachParams, error) {
 func parseNone(raw json.RawMessage) error {
 	var p struct{}
 	return decode(raw, &p)
+}
+
+// checkPathLen refuses a path no file system could hold before it goes
+// anywhere near one.
+func checkPathLen(p string) error {
+	if len(p) > maxPathBytes {
+		return fmt.Errorf("%w: path is %d bytes, longer than %d", ErrInvalid, len(p), maxPathBytes)
+	}
+	return nil
 }
 
 func targetPrefix(bus string) string {
