@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strconv"
 	"strings"
 	"time"
 	"unicode"
@@ -70,6 +71,7 @@ Examples:
   publish stop web-1 mode=force
   publish -json attach-disk web-1 path=/var/lib/libvirt/images/data.qcow2 format=qcow2
   publish -host hv2 -wait=false reboot 0f3c1e52-7a4b-4c8e-9d1a-2b6f5e4d3c21
+  publish -user tenant-a -inbox-prefix _INBOX_tenant-a start web-1
   publish -count 1000 -vms web-1,web-2,web-3 -concurrency 32 start
 
 Flags:
@@ -95,10 +97,12 @@ func parseArgs(args []string, getenv func(string) string, stderr io.Writer) (*co
 	fs.StringVar(&c.conn.TLSCA, "tls-ca", "", "CA file to verify the server (default $VIRTBUS_NATS_TLS_CA)")
 	fs.StringVar(&c.conn.TLSCert, "tls-cert", "", "client certificate file (default $VIRTBUS_NATS_TLS_CERT)")
 	fs.StringVar(&c.conn.TLSKey, "tls-key", "", "client key file (default $VIRTBUS_NATS_TLS_KEY)")
+	fs.StringVar(&c.conn.InboxPrefix, "inbox-prefix", "", "inbox prefix in place of _INBOX, for a user whose NATS permissions keep its replies apart,"+
+		" such as _INBOX_tenant-a; the worker answers only under its VIRTBUS_REPLY_PREFIXES (default $VIRTBUS_NATS_INBOX_PREFIX)")
 	fs.BoolVar(&c.wait, "wait", true, "wait for the completion; false: print the id and stream sequence once the stream has the command")
 	fs.DurationVar(&c.timeout, "timeout", 2*time.Minute, "how long to wait for the PubAck and the completion (per command in load mode)")
 	fs.BoolVar(&c.json, "json", false, "print the completion JSON as the worker sent it (load mode: the summary as JSON)")
-	fs.StringVar(&c.id, "id", "", "command id, the Nats-Msg-Id JetStream deduplicates on (default a fresh NUID; load mode: <id>-<n>)")
+	fs.StringVar(&c.id, "id", "", "command id, the Nats-Msg-Id JetStream deduplicates on: "+idRule+" (default a fresh NUID; load mode: <id>-<n>)")
 	fs.BoolVar(&c.core, "core", false, "core-NATS request instead of JetStream, for a worker with VIRTBUS_DELIVERY=core (at most once)")
 	rawParams := fs.String("params", "", "the parameters as one raw JSON object, instead of key=value")
 	fs.IntVar(&c.count, "count", 0, "load mode: send this many commands")
@@ -129,6 +133,7 @@ func parseArgs(args []string, getenv func(string) string, stderr io.Writer) (*co
 	fromEnv(&c.conn.TLSCA, "VIRTBUS_NATS_TLS_CA", "")
 	fromEnv(&c.conn.TLSCert, "VIRTBUS_NATS_TLS_CERT", "")
 	fromEnv(&c.conn.TLSKey, "VIRTBUS_NATS_TLS_KEY", "")
+	fromEnv(&c.conn.InboxPrefix, "VIRTBUS_NATS_INBOX_PREFIX", "")
 	fromEnv(&c.host, "VIRTBUS_HOST", "")
 	if c.host == "" {
 		h, err := hostname()
@@ -138,13 +143,13 @@ func parseArgs(args []string, getenv func(string) string, stderr io.Writer) (*co
 		c.host = bus.HostToken(h)
 	}
 	if !bus.ValidToken(c.host) {
-		return nil, usageErrorf("host %q is not a valid subject token", c.host)
+		return nil, usageErrorf("host %s is not a subject token: want %s", quoteArg(c.host), tokenRule)
 	}
 	if c.timeout <= 0 {
 		return nil, usageErrorf("-timeout must be positive, not %s", c.timeout)
 	}
-	if c.id != "" && !validID(c.id) {
-		return nil, usageErrorf("-id %q: an id is a header value: no spaces or control characters", c.id)
+	if err := checkInboxPrefix(c.conn.InboxPrefix); err != nil {
+		return nil, err
 	}
 
 	pos := fs.Args()
@@ -157,12 +162,15 @@ func parseArgs(args []string, getenv func(string) string, stderr io.Writer) (*co
 	if c.count > 0 && c.concurrency < 1 {
 		return nil, usageErrorf("-concurrency must be at least 1")
 	}
+	if err := checkID(c.id, c.count); err != nil {
+		return nil, err
+	}
 	if len(pos) == 0 {
 		return nil, usageErrorf("missing ACTION")
 	}
 	c.action, pos = pos[0], pos[1:]
 	if !bus.ValidToken(c.action) {
-		return nil, usageErrorf("action %q is not a valid subject token", c.action)
+		return nil, usageErrorf("action %s is not a subject token: want %s", quoteArg(c.action), tokenRule)
 	}
 
 	if *vms != "" {
@@ -172,7 +180,7 @@ func parseArgs(args []string, getenv func(string) string, stderr io.Writer) (*co
 				continue
 			}
 			if !bus.ValidToken(v) {
-				return nil, usageErrorf("vm %q in -vms is not a valid subject token: address it by its UUID", v)
+				return nil, usageErrorf("vm %s in -vms is not a subject token (%s): address it by its UUID", quoteArg(v), tokenRule)
 			}
 			c.vms = append(c.vms, v)
 		}
@@ -189,7 +197,7 @@ func parseArgs(args []string, getenv func(string) string, stderr io.Writer) (*co
 		vm := pos[0]
 		pos = pos[1:]
 		if !bus.ValidToken(vm) {
-			return nil, usageErrorf("vm %q is not a valid subject token (dots, spaces, '*' or '>'): address it by its UUID", vm)
+			return nil, usageErrorf("vm %s is not a subject token (%s): address it by its UUID", quoteArg(vm), tokenRule)
 		}
 		c.vm = vm
 		c.vms = []string{vm}
@@ -215,9 +223,9 @@ func parseArgs(args []string, getenv func(string) string, stderr io.Writer) (*co
 }
 
 // keyValueParams builds the JSON params object from key=value arguments:
-// true and false become booleans, every other value a string. No parameter
-// of DESIGN's actions is a number (timeout is a Go duration string), so
-// guessing numbers would only turn a VM-ish "007" into 7.
+// true and false become booleans, every other value a string. No action
+// parameter (README.md, "Actions") is a number (timeout is a Go duration
+// string), so guessing numbers would only turn a VM-ish "007" into 7.
 func keyValueParams(args []string) (json.RawMessage, error) {
 	params := make(map[string]any, len(args))
 	for _, a := range args {
@@ -254,6 +262,55 @@ func objectParams(raw string) (json.RawMessage, error) {
 	return b, nil
 }
 
-func validID(id string) bool {
-	return !strings.ContainsFunc(id, func(r rune) bool { return unicode.IsSpace(r) || unicode.IsControl(r) })
+// The rules of bus.ValidID and bus.ValidToken, for usage errors.
+var (
+	idRule    = fmt.Sprintf("at most %d bytes of [A-Za-z0-9._:-]", bus.MaxIDLen)
+	tokenRule = fmt.Sprintf("1 to %d bytes, no dots, spaces, control characters, '*' or '>'", bus.MaxTokenLen)
+)
+
+// checkID refuses an -id the worker would refuse: it answers such a
+// command `invalid` instead of running it. In load mode the longest id
+// sent, <id>-<count>, must pass too.
+func checkID(id string, count int) error {
+	switch {
+	case id == "":
+		return nil
+	case !bus.ValidID(id):
+		return usageErrorf("-id %s: want %s", quoteArg(id), idRule)
+	case count > 0 && !bus.ValidID(nuidOr(id, count-1)):
+		return usageErrorf("-id %s: load mode sends ids up to %s, and an id is %s", quoteArg(id), quoteArg(nuidOr(id, count-1)), idRule)
+	}
+	return nil
+}
+
+// inboxSuffixLen is the most nats.go appends to an inbox prefix: a dot and
+// a NUID, and for a request (-core) a dot and eight more characters.
+const inboxSuffixLen = 1 + 22 + 1 + 8
+
+// checkInboxPrefix refuses what nats.go would refuse at connect, and a
+// prefix so long that the worker would refuse the reply subjects made from
+// it (bus.MaxReplyLen).
+func checkInboxPrefix(p string) error {
+	if p == "" {
+		return nil
+	}
+	if len(p)+inboxSuffixLen > bus.MaxReplyLen {
+		return usageErrorf("-inbox-prefix %s: at most %d bytes, so that its reply subjects fit the worker's %d", quoteArg(p), bus.MaxReplyLen-inboxSuffixLen, bus.MaxReplyLen)
+	}
+	for tok := range strings.SplitSeq(p, ".") {
+		if tok == "" || strings.ContainsFunc(tok, func(r rune) bool { return r <= ' ' || r == 0x7f || r == '*' || r == '>' || unicode.IsSpace(r) }) {
+			return usageErrorf("-inbox-prefix %s: want subject tokens without wildcards or white space, not ending in a dot", quoteArg(p))
+		}
+	}
+	return nil
+}
+
+// quoteArg quotes a command-line value for an error message, cut short
+// when it is long.
+func quoteArg(s string) string {
+	const max = 64
+	if len(s) <= max {
+		return strconv.Quote(s)
+	}
+	return fmt.Sprintf("%q… (%d bytes)", strings.ToValidUTF8(s[:max], ""), len(s))
 }

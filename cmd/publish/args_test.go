@@ -91,6 +91,35 @@ func TestParseArgs(t *testing.T) {
 			},
 		},
 		{
+			name: "inbox prefix from the environment",
+			args: []string{"stop", "web-1"},
+			env:  map[string]string{"VIRTBUS_NATS_INBOX_PREFIX": "_INBOX_tenant-a"},
+			check: func(t *testing.T, c *config) {
+				if c.conn.InboxPrefix != "_INBOX_tenant-a" {
+					t.Errorf("inbox prefix %q", c.conn.InboxPrefix)
+				}
+			},
+		},
+		{
+			name: "-inbox-prefix wins over the environment",
+			args: []string{"-inbox-prefix", "virtbus.reply", "stop", "web-1"},
+			env:  map[string]string{"VIRTBUS_NATS_INBOX_PREFIX": "_INBOX_tenant-a"},
+			check: func(t *testing.T, c *config) {
+				if c.conn.InboxPrefix != "virtbus.reply" {
+					t.Errorf("inbox prefix %q", c.conn.InboxPrefix)
+				}
+			},
+		},
+		{
+			name: "an id of 128 bytes of the id alphabet",
+			args: []string{"-id", "Az09._:-" + strings.Repeat("x", bus.MaxIDLen-8), "stop", strings.Repeat("v", bus.MaxTokenLen)},
+			check: func(t *testing.T, c *config) {
+				if len(c.id) != bus.MaxIDLen || len(c.vm) != bus.MaxTokenLen {
+					t.Errorf("id %d bytes, vm %d bytes", len(c.id), len(c.vm))
+				}
+			},
+		},
+		{
 			name: "load mode over -vms",
 			args: []string{"-count", "5", "-vms", "a, b,,c", "-concurrency", "2", "reboot", "mode=hard"},
 			check: func(t *testing.T, c *config) {
@@ -149,7 +178,19 @@ func TestUsageErrors(t *testing.T) {
 		{"unknown flag", []string{"-bogus", "stop", "web-1"}, "flag provided but not defined"},
 		{"bad duration", []string{"-timeout", "soon", "stop", "web-1"}, "invalid value"},
 		{"zero timeout", []string{"-timeout", "0s", "stop", "web-1"}, "-timeout must be positive"},
-		{"id with a space", []string{"-id", "a b", "stop", "web-1"}, "-id"},
+		{"id with a space", []string{"-id", "a b", "stop", "web-1"}, "at most 128 bytes of [A-Za-z0-9._:-]"},
+		{"id with a slash", []string{"-id", "a/b", "stop", "web-1"}, "at most 128 bytes of [A-Za-z0-9._:-]"},
+		{"id with a tilde", []string{"-id", "~worker-made", "stop", "web-1"}, "at most 128 bytes of [A-Za-z0-9._:-]"},
+		{"id not ASCII", []string{"-id", "caf\u00e9", "stop", "web-1"}, "at most 128 bytes of [A-Za-z0-9._:-]"},
+		{"id too long", []string{"-id", strings.Repeat("x", bus.MaxIDLen+1), "stop", "web-1"}, "at most 128 bytes of [A-Za-z0-9._:-]"},
+		{"load ids too long", []string{"-id", strings.Repeat("x", bus.MaxIDLen-2), "-count", "10", "stop", "web-1"}, "load mode sends ids up to"},
+		{"vm too long", []string{"stop", strings.Repeat("v", bus.MaxTokenLen+1)}, "1 to 128 bytes"},
+		{"action too long", []string{strings.Repeat("a", bus.MaxTokenLen+1), "web-1"}, "action"},
+		{"vms token too long", []string{"-count", "2", "-vms", "a," + strings.Repeat("v", bus.MaxTokenLen+1), "stop"}, "UUID"},
+		{"inbox prefix wildcard", []string{"-inbox-prefix", "_INBOX_tenant-a.*", "stop", "web-1"}, "-inbox-prefix"},
+		{"inbox prefix ends in a dot", []string{"-inbox-prefix", "_INBOX_tenant-a.", "stop", "web-1"}, "-inbox-prefix"},
+		{"inbox prefix with a space", []string{"-inbox-prefix", "my inbox", "stop", "web-1"}, "-inbox-prefix"},
+		{"inbox prefix too long", []string{"-inbox-prefix", "_INBOX_" + strings.Repeat("t", 250), "stop", "web-1"}, "-inbox-prefix"},
 		{"bad host", []string{"-host", "hv1.example", "stop", "web-1"}, "host"},
 		{"vms without count", []string{"-vms", "a,b", "stop"}, "give -count too"},
 		{"negative count", []string{"-count", "-1", "stop", "web-1"}, "-count"},

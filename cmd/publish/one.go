@@ -54,7 +54,7 @@ func runOne(ctx context.Context, nc *nats.Conn, c *config, stdout, stderr io.Wri
 		if c.wait {
 			// Nothing answers our inbox for a dropped copy; the first
 			// copy's completion is recorded once it has run.
-			comp, err := bus.AwaitCompletion(tctx, js, c.host, c.id)
+			comp, err := bus.AwaitCompletion(tctx, js, c.host, c.vm, c.action, c.id)
 			if err == nil {
 				raw, _ := json.Marshal(comp)
 				return report(stdout, c.json, comp, raw)
