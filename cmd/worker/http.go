@@ -270,7 +270,7 @@ func (a *httpAPI) command(w http.ResponseWriter, r *http.Request) {
 	if ack != nil && ack.Duplicate {
 		// The stream dropped this copy, so it runs no more: the first
 		// copy's recorded completion is the answer.
-		c, err := bus.AwaitCompletion(ctx, a.js, a.host, cmd.id)
+		c, err := bus.AwaitCompletion(ctx, a.js, a.host, cmd.vm, cmd.action, cmd.id)
 		if err != nil {
 			writeJSON(w, http.StatusGatewayTimeout, map[string]string{"id": cmd.id, "error": fmt.Sprintf("duplicate of a command whose completion is not recorded within %s: %v", cmd.wait, err)})
 			return

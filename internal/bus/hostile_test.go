@@ -198,6 +198,14 @@ func TestIDReusedForAnotherCommandConflicts(t *testing.T) {
 	if err != nil || rec == nil || rec.VM != "web-1" || rec.Action != "status" {
 		t.Errorf("record after the conflict: %+v %v, want the first command's", rec, err)
 	}
+	// A publisher whose copy the stream dropped as a duplicate gets the
+	// same answers from the record.
+	if c, err := AwaitCompletion(t.Context(), js, testHost, "web-2", "stop", "shared-id"); err != nil || c.Error == nil || c.Error.Code != CodeConflict {
+		t.Errorf("awaiting the reused id for web-2 stop: %+v %v, want a conflict", c, err)
+	}
+	if c, err := AwaitCompletion(t.Context(), js, testHost, "web-1", "status", "shared-id"); err != nil || c.Status != StatusOK || c.VM != "web-1" {
+		t.Errorf("awaiting the id for its own command: %+v %v, want the record", c, err)
+	}
 }
 
 func mustRecords(t *testing.T, js jetstream.JetStream) *records {

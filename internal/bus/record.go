@@ -124,11 +124,13 @@ func keyPart(s string) string {
 	return s
 }
 
-// AwaitCompletion returns the recorded completion of command id on host,
-// looking again until it is there or ctx ends. It answers a publisher whose
-// command the stream dropped as a duplicate: no completion will reach that
-// publisher's reply subject, but the first copy's is recorded.
-func AwaitCompletion(ctx context.Context, js jetstream.JetStream, host, id string) (*Completion, error) {
+// AwaitCompletion returns the recorded completion of command id for vm
+// and action on host, looking again until it is there or ctx ends. It
+// answers a publisher whose command the stream dropped as a duplicate: no
+// completion will reach that publisher's reply subject, but the first
+// copy's is recorded. When the record is of another command (the id was
+// reused), the answer is the conflict the worker would give.
+func AwaitCompletion(ctx context.Context, js jetstream.JetStream, host, vm, action, id string) (*Completion, error) {
 	kv, err := js.KeyValue(ctx, RecordBucket)
 	if err != nil {
 		return nil, fmt.Errorf("open completion records: %w", err)
@@ -136,8 +138,17 @@ func AwaitCompletion(ctx context.Context, js jetstream.JetStream, host, id strin
 	r := &records{kv: kv, host: host}
 	for {
 		c, err := r.get(ctx, id)
-		if err != nil || c != nil {
-			return c, err
+		if err != nil {
+			return nil, err
+		}
+		if c != nil && (c.VM != vm || c.Action != action) {
+			now := time.Now().UTC()
+			return &Completion{ID: id, Host: host, VM: vm, Action: action, Status: StatusError,
+				Error:      &Error{Code: CodeConflict, Message: fmt.Sprintf("command id %s was already used for %s on %s", id, c.Action, c.VM)},
+				ReceivedAt: now, StartedAt: now, FinishedAt: now}, nil
+		}
+		if c != nil {
+			return c, nil
 		}
 		select {
 		case <-ctx.Done():
