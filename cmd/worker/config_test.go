@@ -101,7 +101,7 @@ func TestUsageListsEveryVariable(t *testing.T) {
 	lines := strings.Split(out, "\n")
 	ct := reflect.TypeFor[config]()
 	if ct.NumField() < 20 {
-		t.Fatalf("config has %d fields; DESIGN.md lists 20 variables", ct.NumField())
+		t.Fatalf("config has %d fields; the README lists 20 variables", ct.NumField())
 	}
 	for i := range ct.NumField() {
 		f := ct.Field(i)
@@ -116,10 +116,10 @@ func TestUsageListsEveryVariable(t *testing.T) {
 			t.Errorf("-h line of %s does not show its default %q: %q", key, def, lines[line])
 		}
 	}
-	// Every variable DESIGN.md names, whatever the struct says.
+	// Every variable the README names, whatever the struct says.
 	for _, key := range []string{"HOST", "NATS_URL", "NATS_CREDS", "NATS_USER", "NATS_PASSWORD", "NATS_TOKEN",
 		"NATS_TLS_CA", "NATS_TLS_CERT", "NATS_TLS_KEY", "DELIVERY", "STATE_DIR", "LIBVIRT_URI", "LIBVIRT_SOCKET",
-		"LIBVIRT_TIMEOUT", "QUEUE_SIZE", "CONCURRENCY", "MAX_DELIVER", "DISK_ROOTS", "METRICS_ADDR", "API_ADDR", "API_TOKEN_FILE", "LOG_LEVEL", "LOG_FORMAT"} {
+		"LIBVIRT_TIMEOUT", "QUEUE_SIZE", "CONCURRENCY", "MAX_DELIVER", "DISK_ROOTS", "METRICS_ADDR", "API_ADDR", "API_TOKEN_FILE", "REPLY_PREFIXES", "LOG_LEVEL", "LOG_FORMAT"} {
 		if !strings.Contains(out, "VIRTBUS_"+key+" ") {
 			t.Errorf("-h does not list VIRTBUS_%s", key)
 		}

@@ -95,8 +95,8 @@ func (b backlog) check(t *testing.T, lv *testbed.Live, doms []libvirt.Domain, go
 }
 
 // createStream starts the worker once and stops it with SIGTERM: the
-// stream exists from then on (DESIGN.md: "The stream exists once any
-// worker has started"), and a graceful stop exits 0.
+// stream exists from then on (a worker creates it when it is missing),
+// and a graceful stop exits 0.
 func createStream(t *testing.T, e env) {
 	t.Helper()
 	p := startProcess(t, e)

@@ -397,8 +397,8 @@ func TestCoreModeAnswersPlainRequest(t *testing.T) {
 	if err := json.Unmarshal(m.Data, &c); err != nil {
 		t.Fatalf("reply is not a completion: %v: %s", err, m.Data)
 	}
-	if !strings.HasPrefix(c.ID, "core-") {
-		t.Errorf("a command without Nats-Msg-Id got id %q, want a generated core-… id", c.ID)
+	if !strings.HasPrefix(c.ID, "~core-") || bus.ValidID(c.ID) {
+		t.Errorf("a command without Nats-Msg-Id got id %q, want a generated ~core-… id outside the client alphabet", c.ID)
 	}
 	wantCompletion(t, c, c.ID, host, dom.Name, "start")
 	wantOK(t, c, true, "running")

@@ -79,7 +79,7 @@ func (w *Worker) acceptCore(ctx context.Context, m *nats.Msg) {
 		}
 	}
 	if j.cmd.ID == "" {
-		j.cmd.ID = "~" + nuid.Next()
+		j.cmd.ID = "~core-" + nuid.Next()
 	}
 	w.m.received.WithLabelValues(w.m.action(j.cmd.Action)).Inc()
 	w.log.Debug("command received", "id", j.cmd.ID, "vm", j.cmd.VM, "action", j.cmd.Action)

@@ -13,7 +13,7 @@ import (
 	"unicode/utf8"
 )
 
-// Subject prefixes and headers of the wire contract (DESIGN.md, "Subjects").
+// Subject prefixes and headers of the wire contract (README.md, "Subjects and headers").
 const (
 	CommandPrefix = "virtbus.cmd"
 	EventPrefix   = "virtbus.evt"
@@ -32,7 +32,7 @@ const (
 	StatusError = "error"
 )
 
-// Error codes of a failed completion (DESIGN.md, "Completion").
+// Error codes of a failed completion (README.md, "Completion").
 const (
 	CodeInvalid     = "invalid"
 	CodeNotFound    = "not_found"

@@ -5,7 +5,7 @@ import "fmt"
 // Action is one of the closed set of things the executor can do to a domain.
 type Action string
 
-// The actions of DESIGN.md's action table, plus status.
+// The actions of the README's action table, status included.
 const (
 	Start      Action = "start"
 	Stop       Action = "stop"

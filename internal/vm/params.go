@@ -11,7 +11,7 @@ import (
 	"time"
 )
 
-// Defaults and bounds of the action parameters (DESIGN.md, "Actions").
+// Defaults and bounds of the action parameters (README.md, "Actions").
 const (
 	DefaultStopTimeout   = 60 * time.Second
 	DefaultRebootTimeout = 120 * time.Second
