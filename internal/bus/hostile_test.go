@@ -340,3 +340,48 @@ func seriesCount(t *testing.T, reg *prometheus.Registry, name string, labels ...
 	}
 	return n
 }
+
+// A panic in the handler, or in the bus after the completion was recorded,
+// ends the command in one completion, and the worker goes on.
+func TestPanicsEndInOneCompletion(t *testing.T) {
+	t.Parallel()
+	s := startServer(t, t.TempDir(), -1)
+	nc := connect(t, s.ClientURL())
+	js := jsFor(t, nc)
+	w := newWorker(t, connect(t, s.ClientURL()), Config{MaxDeliver: 1}, func(_ context.Context, cmd Command) Outcome {
+		if cmd.VM == "bad-handler" {
+			panic("handler bug")
+		}
+		return Outcome{State: "running"}
+	})
+	w.crashAfterRecord = func(cmd Command) bool {
+		if cmd.VM == "bad-bus" {
+			panic("bus bug")
+		}
+		return false
+	}
+	w.start(t)
+	waitFor(t, "worker ready", w.Ready)
+	events := collect(t, nc, EventPrefix+".>")
+
+	publishCmd(t, js, "bad-handler", "start", "p-handler", "", "")
+	publishCmd(t, js, "bad-bus", "start", "p-bus", "", "")
+	publishCmd(t, js, "good", "start", "p-good", "", "")
+	if got := events.wait(t, "p-handler"); got.Status != StatusError || got.Error.Code != CodeUnavailable || !strings.Contains(got.Error.Message, "panic") {
+		t.Errorf("handler panic: %+v", got)
+	}
+	// The panic came after the ok completion was recorded: that record is
+	// the answer.
+	if got := events.wait(t, "p-bus"); got.Status != StatusOK {
+		t.Errorf("panic after the record: %+v, want the recorded ok", got)
+	}
+	if got := events.wait(t, "p-good"); got.Status != StatusOK {
+		t.Errorf("good command after the panics: %+v", got)
+	}
+	waitStreamEmpty(t, js)
+	for _, id := range []string{"p-handler", "p-bus", "p-good"} {
+		if n := len(events.settled(t, id)); n != 1 {
+			t.Errorf("%s: %d completions, want 1", id, n)
+		}
+	}
+}

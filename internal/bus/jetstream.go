@@ -390,9 +390,32 @@ func (w *Worker) guard(ctx context.Context, j *job, process func(context.Context
 			w.answerCore(ctx, c, j.cmd.Reply)
 			return
 		}
-		w.finish(ctx, j, c, false)
+		w.answerAfterPanic(ctx, j, c)
 	}()
 	process(ctx, j)
+}
+
+// answerAfterPanic ends a JetStream command whose processing panicked. The
+// panic may have come after the completion was recorded: then the record
+// is the answer, as it will be for any redelivery. Otherwise the error
+// completion is recorded first, so a redelivery gets the same one.
+func (w *Worker) answerAfterPanic(ctx context.Context, j *job, c Completion) {
+	recs := w.records.Load()
+	callCtx := handlerContext(ctx)
+	rec, err := recs.get(callCtx, j.cmd.ID)
+	switch {
+	case err != nil:
+		w.handBack(j)
+		return
+	case rec != nil && rec.VM == j.cmd.VM && rec.Action == j.cmd.Action:
+		c = *rec
+	default:
+		if err := recs.put(callCtx, c); err != nil {
+			w.handBack(j)
+			return
+		}
+	}
+	w.finish(ctx, j, c, false)
 }
 
 // ack acks after the completion went out, and waits for the server to
