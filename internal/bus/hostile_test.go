@@ -300,9 +300,11 @@ func TestBogusActionsAddNoSeries(t *testing.T) {
 		t.Fatal("publishes not acked")
 	}
 	checkCounter(t, w.reg, bogus, "virtbus_commands_completed_total", "action", unknownLabel, "status", StatusError)
-	if after := seriesCount(t, w.reg, ""); after != before {
+	after := seriesCount(t, w.reg, "")
+	if after != before {
 		t.Errorf("%d series after %d bogus actions, %d before", after, bogus, before)
 	}
+	t.Logf("virtbus_ series: %d before, %d after %d bogus actions", before, after, bogus)
 	if got := metricValue(t, w.reg, "virtbus_command_errors_total", "action", unknownLabel, "code", CodeInvalid); got != bogus {
 		t.Errorf("errors{unknown,invalid} = %v, want %d", got, bogus)
 	}
