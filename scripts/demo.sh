@@ -100,8 +100,8 @@ curl -s -X POST "http://127.0.0.1:9481/v1/vms/$VM/stop?wait=30s" -H 'Content-Typ
 say "a small load: 40 status commands"
 pub -count 40 -vms "$VM" -concurrency 8 status
 
-say "metrics (excerpt)"
-curl -s http://127.0.0.1:9480/metrics | grep -E '^virtbus_(commands_completed_total|command_errors_total|queue_depth|queue_capacity|libvirt_up|nats_up)' | sort
+say "metrics (excerpt; every known label set exists from start, these are the ones above zero)"
+curl -s http://127.0.0.1:9480/metrics | grep -E '^virtbus_(commands_completed_total|command_errors_total|queue_depth|queue_capacity|libvirt_up|nats_up)' | grep -v ' 0$' | sort
 
 say "libvirt's view of $VM"
 "${VIRSH[@]}" domstate "$VM"
