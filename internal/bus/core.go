@@ -81,6 +81,7 @@ func (w *Worker) acceptCore(ctx context.Context, m *nats.Msg) {
 	if j.cmd.ID == "" {
 		j.cmd.ID = "~core-" + nuid.Next()
 	}
+	j.cmd.Expires = earliest(j.cmd.Expires, j.cmd.ReceivedAt.Add(w.cfg.CommandMaxAge))
 	w.m.received.WithLabelValues(w.m.action(j.cmd.Action)).Inc()
 	w.log.Debug("command received", "id", j.cmd.ID, "vm", j.cmd.VM, "action", j.cmd.Action)
 	if err := w.q.PushWait(ctx, j.key, j); err != nil {
@@ -94,26 +95,10 @@ func (w *Worker) acceptCore(ctx context.Context, m *nats.Msg) {
 func (w *Worker) processCore(ctx context.Context, j *job) {
 	cmd := j.cmd
 	w.m.queueWait.WithLabelValues(w.m.action(cmd.Action)).Observe(time.Since(cmd.ReceivedAt).Seconds())
-	if j.invalid != nil {
-		w.answerCore(ctx, w.failure(cmd, j.invalid), cmd.Reply)
-		return
-	}
-	for {
-		out, started, finished := w.execute(ctx, cmd)
-		if !w.retryable(cmd, out) || ctx.Err() != nil {
-			w.answerCore(ctx, w.completion(cmd, out, started, finished), cmd.Reply)
-			return
-		}
-		delay := w.backoff(cmd.Attempt)
-		w.log.Info("command unavailable; will retry", "id", cmd.ID, "vm", cmd.VM, "action", cmd.Action,
-			"attempt", cmd.Attempt, "retry_in", delay, "error", out.Err.Message)
-		sleep(ctx, delay)
-		if ctx.Err() != nil {
-			w.answerCore(ctx, w.completion(cmd, out, started, finished), cmd.Reply)
-			return
-		}
-		cmd.Attempt++
-	}
+	// Core NATS cannot redeliver: a command interrupted by shutdown while
+	// it waited to retry is answered with its last outcome.
+	c, _ := w.outcome(ctx, j)
+	w.answerCore(ctx, c, cmd.Reply)
 }
 
 func (w *Worker) answerCore(ctx context.Context, c Completion, reply string) {

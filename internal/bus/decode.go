@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"runtime/debug"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -27,9 +28,26 @@ type job struct {
 	// key orders the FIFO: the VM, or InvalidToken when there is no VM.
 	key string
 
-	js   jetstream.Msg // JetStream mode
-	seq  uint64        // stream sequence, JetStream mode
-	core *nats.Msg     // core mode
+	seq  uint64    // stream sequence, JetStream mode
+	core *nats.Msg // core mode
+
+	// mu guards js: a redelivery of a message this worker still holds
+	// (after an outage longer than the ack wait) replaces the handle, so
+	// that the ack goes with the server's latest delivery.
+	mu sync.Mutex
+	js jetstream.Msg // JetStream mode
+}
+
+func (j *job) msg() jetstream.Msg {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return j.js
+}
+
+func (j *job) setMsg(m jetstream.Msg) {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	j.js = m
 }
 
 // decode turns a message into a job. It never fails and never panics:
@@ -107,6 +125,16 @@ func (w *Worker) decodeHeaders(j *job, hdr nats.Header) *Error {
 		} else {
 			err = &Error{Code: CodeInvalid, Message: fmt.Sprintf("%s header (%d bytes): want 1 to %d bytes of [A-Za-z0-9._:-]",
 				HeaderMsgID, len(id), MaxIDLen)}
+		}
+	}
+	if exp := hdr.Get(HeaderExpires); exp != "" {
+		t, perr := time.Parse(time.RFC3339, exp)
+		if len(exp) > 64 || perr != nil {
+			if err == nil {
+				err = &Error{Code: CodeInvalid, Message: fmt.Sprintf("%s header %s: want an RFC 3339 time such as 2026-01-02T15:04:05Z", HeaderExpires, clip(exp, 64))}
+			}
+		} else {
+			j.cmd.Expires = t
 		}
 	}
 	if reply := hdr.Get(HeaderReply); reply != "" {

@@ -25,29 +25,51 @@ func (w *Worker) heartbeat(ctx context.Context) {
 			continue
 		}
 		for _, j := range w.held.snapshot() {
-			if err := j.js.InProgress(); err != nil && !errors.Is(err, jetstream.ErrMsgAlreadyAckd) {
+			if err := j.msg().InProgress(); err != nil && !errors.Is(err, jetstream.ErrMsgAlreadyAckd) {
 				w.log.Debug("in-progress failed", "id", j.cmd.ID, "err", err)
 			}
 		}
 	}
 }
 
-// heldSet is the messages this worker holds and has not answered yet.
+// heldSet is the messages this worker holds and has not answered yet,
+// also by stream sequence.
 type heldSet struct {
-	mu   sync.Mutex
-	jobs map[*job]struct{}
+	mu    sync.Mutex
+	jobs  map[*job]struct{}
+	bySeq map[uint64]*job
 }
 
-func (h *heldSet) add(j *job) {
+func newHeldSet() heldSet {
+	return heldSet{jobs: make(map[*job]struct{}), bySeq: make(map[uint64]*job)}
+}
+
+// add holds j, unless a job for the same stream message is held already:
+// then the server redelivered a message this worker is still working on
+// (its in-progress notes could not reach the server for longer than the
+// ack wait). The held job takes the new delivery's handle, so that one
+// completion and one ack answer both, and add reports false.
+func (h *heldSet) add(j *job) bool {
 	h.mu.Lock()
 	defer h.mu.Unlock()
+	if j.seq != 0 {
+		if held, ok := h.bySeq[j.seq]; ok {
+			held.setMsg(j.msg())
+			return false
+		}
+		h.bySeq[j.seq] = j
+	}
 	h.jobs[j] = struct{}{}
+	return true
 }
 
 func (h *heldSet) remove(j *job) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	delete(h.jobs, j)
+	if h.bySeq[j.seq] == j {
+		delete(h.bySeq, j.seq)
+	}
 }
 
 func (h *heldSet) snapshot() []*job {

@@ -260,6 +260,7 @@ func (w *Worker) accept(msg jetstream.Msg) {
 	if err == nil {
 		j.cmd.Attempt = int(md.NumDelivered)
 		j.seq = md.Sequence.Stream
+		j.cmd.Expires = earliest(j.cmd.Expires, md.Timestamp.Add(w.cfg.CommandMaxAge))
 	}
 	if j.cmd.ID == "" {
 		j.cmd.ID = madeID(md)
@@ -270,11 +271,22 @@ func (w *Worker) accept(msg jetstream.Msg) {
 	}
 	w.log.Debug("command received", "id", j.cmd.ID, "vm", j.cmd.VM, "action", j.cmd.Action, "attempt", j.cmd.Attempt)
 
-	w.held.add(j)
+	if !w.held.add(j) {
+		w.log.Info("redelivery of a command still in progress; one completion answers both", "id", j.cmd.ID, "attempt", j.cmd.Attempt)
+		return
+	}
 	if err := w.q.Push(j.key, j); err != nil {
 		w.log.Debug("command not queued", "id", j.cmd.ID, "err", err)
 		w.late = append(w.late, j)
 	}
+}
+
+// earliest is the earlier of two deadlines, a zero one meaning none.
+func earliest(a, b time.Time) time.Time {
+	if a.IsZero() || !b.IsZero() && b.Before(a) {
+		return b
+	}
+	return a
 }
 
 // madeID names a command that came without a usable id. It is the same
@@ -323,27 +335,12 @@ func (w *Worker) processJS(ctx context.Context, j *job) {
 		return
 	}
 
-	var c Completion
-	switch {
-	case j.invalid != nil:
-		c = w.failure(cmd, j.invalid)
-	case cmd.Attempt > w.cfg.MaxDeliver:
-		c = w.failure(cmd, &Error{Code: CodeUnavailable,
-			Message: fmt.Sprintf("not completed after %d deliveries", cmd.Attempt-1)})
-	default:
-		out, started, finished := w.execute(ctx, cmd)
-		if w.retryable(cmd, out) {
-			delay := w.backoff(cmd.Attempt)
-			if err := j.js.NakWithDelay(delay); err != nil {
-				w.log.Warn("nak failed; redelivered after ack wait", "id", cmd.ID, "err", err)
-			}
-			w.log.Info("command unavailable; will retry", "id", cmd.ID, "vm", cmd.VM, "action", cmd.Action,
-				"attempt", cmd.Attempt, "retry_in", delay, "error", out.Err.Message)
-			return
-		}
-		c = w.completion(cmd, out, started, finished)
+	c, ok := w.outcome(ctx, j)
+	if !ok {
+		w.log.Info("shutdown while a command waited to retry; handing back", "id", cmd.ID)
+		w.handBack(j)
+		return
 	}
-
 	if err := retry(ctx, func() error { return w.records.Load().put(callCtx, c) },
 		func(err error) { w.log.Debug("record failed", "id", c.ID, "err", err) }); err != nil {
 		w.log.Warn("completion not recorded at shutdown; handing back", "id", cmd.ID, "err", err)
@@ -354,6 +351,46 @@ func (w *Worker) processJS(ctx context.Context, j *job) {
 		return
 	}
 	w.finish(ctx, j, c, false)
+}
+
+// outcome decides a command's completion: refused as it came, expired,
+// out of deliveries, or run. It reports false when shutdown interrupted
+// the waits between retries.
+func (w *Worker) outcome(ctx context.Context, j *job) (Completion, bool) {
+	cmd := j.cmd
+	switch {
+	case j.invalid != nil:
+		return w.failure(cmd, j.invalid), true
+	case !cmd.Expires.IsZero() && time.Now().After(cmd.Expires):
+		return w.failure(cmd, &Error{Code: CodeExpired, Message: fmt.Sprintf(
+			"deadline %s passed before the command ran; it did not run", cmd.Expires.UTC().Format(time.RFC3339))}), true
+	case cmd.Attempt > w.cfg.MaxDeliver:
+		return w.failure(cmd, &Error{Code: CodeUnavailable,
+			Message: fmt.Sprintf("not completed after %d deliveries", cmd.Attempt-1)}), true
+	}
+	return w.runWithRetries(ctx, cmd)
+}
+
+// runWithRetries runs a command, and runs it again after a back-off while
+// it ends `unavailable`, up to MaxDeliver attempts. The retries happen in
+// place, holding the VM's slot, so that the VM's later commands cannot
+// overtake it. It reports false when shutdown came during a back-off; the
+// completion is then the last attempt's.
+func (w *Worker) runWithRetries(ctx context.Context, cmd Command) (Completion, bool) {
+	for {
+		out, started, finished := w.execute(ctx, cmd)
+		c := w.completion(cmd, out, started, finished)
+		if !w.retryable(cmd, out) {
+			return c, true
+		}
+		delay := w.backoff(cmd.Attempt)
+		w.log.Info("command unavailable; will retry", "id", cmd.ID, "vm", cmd.VM, "action", cmd.Action,
+			"attempt", cmd.Attempt, "retry_in", delay, "error", out.Err.Message)
+		if sleep(ctx, delay); ctx.Err() != nil {
+			return c, false
+		}
+		cmd.Attempt++
+	}
 }
 
 // finish publishes a completion, then acks its command and reports it.
@@ -429,7 +466,7 @@ func (w *Worker) ack(ctx context.Context, j *job) {
 			break // shutdown while disconnected
 		}
 		actx, cancel := context.WithTimeout(handlerContext(ctx), publishTimeout)
-		err = j.js.DoubleAck(actx)
+		err = j.msg().DoubleAck(actx)
 		cancel()
 		if err == nil || errors.Is(err, jetstream.ErrMsgAlreadyAckd) {
 			return
@@ -443,11 +480,11 @@ func (w *Worker) ack(ctx context.Context, j *job) {
 // handBack returns a command that was not answered to the stream for
 // immediate redelivery.
 func (w *Worker) handBack(j *job) {
-	if j.js == nil {
+	if j.msg() == nil {
 		return // core mode: nothing to hand back to
 	}
 	w.held.remove(j)
-	if err := j.js.Nak(); err != nil {
+	if err := j.msg().Nak(); err != nil {
 		w.log.Warn("nak failed; redelivered after ack wait", "id", j.cmd.ID, "err", err)
 	}
 }

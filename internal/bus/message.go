@@ -24,6 +24,9 @@ const (
 	// HeaderReply names a subject for the completion, for JetStream
 	// publishers that cannot use the message's own reply subject.
 	HeaderReply = "Virtbus-Reply"
+	// HeaderExpires is an RFC 3339 deadline: a command taken off the FIFO
+	// after it is not run and ends in CodeExpired.
+	HeaderExpires = "Virtbus-Expires"
 )
 
 // Status of a completion.
@@ -116,6 +119,9 @@ type Command struct {
 
 	Attempt    int       // delivery count, 1 on the first delivery
 	ReceivedAt time.Time // when this worker took the message off NATS
+	// Expires is when the command stops being worth running: the
+	// Virtbus-Expires header or its age limit, whichever comes first.
+	Expires time.Time
 }
 
 // Outcome is what a handler reports for one command.

@@ -92,3 +92,40 @@ func TestWorkerStartedWhileNATSDown(t *testing.T) {
 		t.Errorf("completion %+v", got)
 	}
 }
+
+// An outage longer than the ack wait while a command runs makes the server
+// redeliver it; the worker, still holding it, answers both deliveries with
+// one completion.
+func TestOutageLongerThanAckWaitGivesOneCompletion(t *testing.T) {
+	dir := t.TempDir()
+	s := startServer(t, dir, -1)
+	port := serverPort(t, s)
+	nc := connect(t, s.ClientURL())
+	js := jsFor(t, nc)
+	c := newCalls()
+	release := make(chan struct{})
+	w := startWorker(t, connect(t, s.ClientURL()), Config{AckWait: time.Second}, func(_ context.Context, cmd Command) Outcome {
+		c.add(cmd)
+		<-release
+		return Outcome{State: "running"}
+	})
+	publishCmd(t, js, "web-1", "start", "long-1", "", "")
+	waitFor(t, "the command to run", func() bool { return c.total() == 1 })
+
+	s.Shutdown()
+	s.WaitForShutdown()
+	time.Sleep(1500 * time.Millisecond) // longer than the ack wait: no in-progress note gets through
+	startServer(t, dir, port)
+	events := collect(t, connect(t, fmt.Sprintf("nats://127.0.0.1:%d", port)), EventPrefix+".>")
+	waitFor(t, "the redelivery", func() bool { return metricValue(t, w.reg, "virtbus_redeliveries_total") >= 1 })
+	close(release)
+
+	events.wait(t, "long-1")
+	waitStreamEmpty(t, jsFor(t, connect(t, fmt.Sprintf("nats://127.0.0.1:%d", port))))
+	if got := events.settled(t, "long-1"); len(got) != 1 {
+		t.Errorf("%d completions, want exactly 1", len(got))
+	}
+	if n := c.total(); n != 1 {
+		t.Errorf("handler ran %d times, want 1", n)
+	}
+}

@@ -32,6 +32,10 @@ type Config struct {
 	AckWait     time.Duration // redelivery timer of the consumer (default 30s)
 	DupWindow   time.Duration // stream duplicate window (default 2m)
 	RecordTTL   time.Duration // how long completions are kept by id (default 24h)
+	// CommandMaxAge is how long after it reached the stream a command is
+	// still run (default 24h); after that, or after its Virtbus-Expires
+	// deadline, it ends in CodeExpired without running.
+	CommandMaxAge time.Duration
 
 	// RetryBackoff is the delay before the second delivery of a command that
 	// ended `unavailable`; it doubles with each delivery up to
@@ -113,6 +117,7 @@ func (c Config) withDefaults() (Config, error) {
 		{"ack wait", &c.AckWait, 30 * time.Second},
 		{"duplicate window", &c.DupWindow, 2 * time.Minute},
 		{"record ttl", &c.RecordTTL, 24 * time.Hour},
+		{"command max age", &c.CommandMaxAge, 24 * time.Hour},
 		{"retry backoff", &c.RetryBackoff, time.Second},
 		{"retry backoff max", &c.RetryBackoffMax, 30 * time.Second},
 	}
@@ -182,7 +187,7 @@ func New(nc *nats.Conn, cfg Config, h Handler, log *slog.Logger, reg prometheus.
 		handler: h,
 		log:     log.With("delivery", cfg.Delivery),
 		q:       queue.New[*job](cfg.QueueSize, cfg.Concurrency),
-		held:    heldSet{jobs: make(map[*job]struct{})},
+		held:    newHeldSet(),
 
 		fetchWait: fetchWait,
 	}

@@ -1,0 +1,103 @@
+package bus
+
+import (
+	"context"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// A command retried after `unavailable` keeps its VM's place: the VM's
+// next command runs only after it, while another VM goes on.
+func TestOrderPerVMHoldsDuringRetries(t *testing.T) {
+	t.Parallel()
+	s := startServer(t, t.TempDir(), -1)
+	nc := connect(t, s.ClientURL())
+	js := jsFor(t, nc)
+	c := newCalls()
+	cfg := Config{Concurrency: 2, MaxDeliver: 5, RetryBackoff: 50 * time.Millisecond, RetryBackoffMax: 100 * time.Millisecond}
+	startWorker(t, connect(t, s.ClientURL()), cfg, func(_ context.Context, cmd Command) Outcome {
+		c.add(cmd)
+		if cmd.ID == "a-1" && cmd.Attempt < 3 {
+			return Outcome{Err: &Error{Code: CodeUnavailable, Message: "libvirt down"}}
+		}
+		return Outcome{State: "running"}
+	})
+	events := collect(t, nc, EventPrefix+".>")
+
+	publishCmd(t, js, "vm-a", "stop", "a-1", "", "")
+	publishCmd(t, js, "vm-a", "start", "a-2", "", "")
+	publishCmd(t, js, "vm-b", "start", "b-1", "", "")
+	events.wait(t, "a-2")
+	events.wait(t, "b-1")
+	waitStreamEmpty(t, js)
+	if got, want := c.idsFor("vm-a"), []string{"a-1", "a-1", "a-1", "a-2"}; !slices.Equal(got, want) {
+		t.Errorf("vm-a ran %v, want %v: a-2 overtook the retried a-1", got, want)
+	}
+	if got := events.settled(t, "a-1"); len(got) != 1 || got[0].Status != StatusOK || got[0].Attempt != 3 {
+		t.Errorf("a-1 completions %+v, want one ok at attempt 3", got)
+	}
+}
+
+// A command taken off the FIFO after its deadline (Virtbus-Expires, or
+// its age limit) ends in `expired` and never runs; a deadline that is not
+// a time is `invalid`.
+func TestExpiredCommandsDoNotRun(t *testing.T) {
+	t.Parallel()
+	s := startServer(t, t.TempDir(), -1)
+	nc := connect(t, s.ClientURL())
+	js := jsFor(t, nc)
+	c := newCalls()
+	events := collect(t, nc, EventPrefix+".>")
+
+	// Published while no worker runs: by the time one starts, "old" is past
+	// the worker's age limit.
+	w := newWorker(t, connect(t, s.ClientURL()), Config{CommandMaxAge: 500 * time.Millisecond}, okHandler(c))
+	createStream(t, js)
+	publishExpiring(t, js, "old", "")
+	publishExpiring(t, js, "past-deadline", time.Now().Add(-time.Minute).Format(time.RFC3339))
+	publishExpiring(t, js, "bad-deadline", "tomorrow")
+	time.Sleep(600 * time.Millisecond)
+	publishExpiring(t, js, "in-time", time.Now().Add(time.Hour).Format(time.RFC3339))
+	w.start(t)
+
+	for id, want := range map[string]string{"old": CodeExpired, "past-deadline": CodeExpired, "bad-deadline": CodeInvalid, "in-time": ""} {
+		got := events.wait(t, id)
+		switch {
+		case want == "" && got.Status != StatusOK:
+			t.Errorf("%s: %+v, want ok", id, got)
+		case want != "" && (got.Error == nil || got.Error.Code != want):
+			t.Errorf("%s: %+v, want code %s", id, got, want)
+		}
+	}
+	waitStreamEmpty(t, js)
+	if ids := c.idsFor("web-1"); !slices.Equal(ids, []string{"in-time"}) {
+		t.Errorf("handler ran %v, want only in-time", ids)
+	}
+	checkCounter(t, w.reg, 2, "virtbus_command_errors_total", "action", "stop", "code", CodeExpired)
+}
+
+func publishExpiring(t *testing.T, js jetstream.JetStream, id, expires string) {
+	t.Helper()
+	m := nats.NewMsg(CommandSubject(testHost, "web-1", "stop"))
+	m.Header.Set(HeaderMsgID, id)
+	if expires != "" {
+		m.Header.Set(HeaderExpires, expires)
+	}
+	if _, err := js.PublishMsg(t.Context(), m); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// createStream makes the command stream as an operator would before any
+// worker ran.
+func createStream(t *testing.T, js jetstream.JetStream) {
+	t.Helper()
+	if _, err := js.CreateStream(t.Context(), jetstream.StreamConfig{Name: StreamName, Subjects: []string{CommandPrefix + ".>"},
+		Retention: jetstream.WorkQueuePolicy, Duplicates: time.Minute}); err != nil {
+		t.Fatal(err)
+	}
+}
