@@ -45,6 +45,9 @@ type config struct {
 	MetricsAddr    string        `envconfig:"METRICS_ADDR" default:":9480" desc:"listen address of /metrics, /healthz and /readyz (read-only); off: none"`
 	APIAddr        string        `envconfig:"API_ADDR" default:"127.0.0.1:9481" desc:"listen address of the command API; off: none; not loopback: needs VIRTBUS_API_TOKEN_FILE"`
 	APITokenFile   string        `envconfig:"API_TOKEN_FILE" desc:"file holding the command API's bearer token"`
+	CommandMaxAge  time.Duration `envconfig:"COMMAND_MAX_AGE" default:"24h" desc:"a command older than this (from its stream timestamp) ends in expired without running"`
+	StreamReplicas int           `envconfig:"STREAM_REPLICAS" default:"1" desc:"replicas of the stream and buckets, used only when the worker creates them"`
+	Lease          time.Duration `envconfig:"LEASE" default:"15s" desc:"one active worker per host: a standby takes over within this long after the active one stops or dies"`
 	ReplyPrefixes  []string      `envconfig:"REPLY_PREFIXES" default:"_INBOX.,_INBOX_,virtbus.reply." desc:"comma-separated subject prefixes a Virtbus-Reply header must start with"`
 	LogLevel       string        `envconfig:"LOG_LEVEL" default:"info" desc:"debug, info, warn or error"`
 	LogFormat      string        `envconfig:"LOG_FORMAT" default:"text" desc:"text or json"`
@@ -124,6 +127,12 @@ func (c config) check() error {
 		return fmt.Errorf("VIRTBUS_CONCURRENCY=%d: must be between 1 and VIRTBUS_QUEUE_SIZE (%d)", c.Concurrency, c.QueueSize)
 	case c.MaxDeliver < 1:
 		return fmt.Errorf("VIRTBUS_MAX_DELIVER=%d: must be at least 1", c.MaxDeliver)
+	case c.CommandMaxAge <= 0:
+		return fmt.Errorf("VIRTBUS_COMMAND_MAX_AGE=%s: must be positive", c.CommandMaxAge)
+	case c.StreamReplicas < 1 || c.StreamReplicas > 5:
+		return fmt.Errorf("VIRTBUS_STREAM_REPLICAS=%d: want 1 to 5", c.StreamReplicas)
+	case c.Lease < time.Second:
+		return fmt.Errorf("VIRTBUS_LEASE=%s: must be at least 1s", c.Lease)
 	case len(c.DiskRoots) == 0:
 		return fmt.Errorf("VIRTBUS_DISK_ROOTS is empty: name at least one directory")
 	}

@@ -119,7 +119,7 @@ func TestUsageListsEveryVariable(t *testing.T) {
 	// Every variable the README names, whatever the struct says.
 	for _, key := range []string{"HOST", "NATS_URL", "NATS_CREDS", "NATS_USER", "NATS_PASSWORD", "NATS_TOKEN",
 		"NATS_TLS_CA", "NATS_TLS_CERT", "NATS_TLS_KEY", "DELIVERY", "STATE_DIR", "LIBVIRT_URI", "LIBVIRT_SOCKET",
-		"LIBVIRT_TIMEOUT", "QUEUE_SIZE", "CONCURRENCY", "MAX_DELIVER", "DISK_ROOTS", "METRICS_ADDR", "API_ADDR", "API_TOKEN_FILE", "REPLY_PREFIXES", "LOG_LEVEL", "LOG_FORMAT"} {
+		"LIBVIRT_TIMEOUT", "QUEUE_SIZE", "CONCURRENCY", "MAX_DELIVER", "DISK_ROOTS", "METRICS_ADDR", "API_ADDR", "API_TOKEN_FILE", "REPLY_PREFIXES", "COMMAND_MAX_AGE", "STREAM_REPLICAS", "LEASE", "LOG_LEVEL", "LOG_FORMAT"} {
 		if !strings.Contains(out, "VIRTBUS_"+key+" ") {
 			t.Errorf("-h does not list VIRTBUS_%s", key)
 		}

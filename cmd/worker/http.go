@@ -71,7 +71,7 @@ func completionStatus(c *bus.Completion) int {
 // startHTTP opens the listeners cfg turns on and serves them until stop.
 // Both addresses are opened before either serves, so a bad one fails the
 // start with nothing half up.
-func startHTTP(cfg config, api *httpAPI, reg *prometheus.Registry, ready func() bool, wg *sync.WaitGroup, log *slog.Logger) (stop func(), err error) {
+func startHTTP(cfg config, api *httpAPI, reg *prometheus.Registry, ready func() (bool, string), wg *sync.WaitGroup, log *slog.Logger) (stop func(), err error) {
 	listeners := []struct {
 		key, addr string
 		handler   http.Handler
@@ -126,15 +126,15 @@ func startHTTP(cfg config, api *httpAPI, reg *prometheus.Registry, ready func() 
 }
 
 // metricsRoutes is the read-only listener: nothing here changes anything.
-func metricsRoutes(reg *prometheus.Registry, ready func() bool) http.Handler {
+func metricsRoutes(reg *prometheus.Registry, ready func() (bool, string)) http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		_, _ = io.WriteString(w, "ok\n")
 	})
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
-		if !ready() {
-			http.Error(w, "not ready: NATS or libvirt not connected", http.StatusServiceUnavailable)
+		if ok, why := ready(); !ok {
+			http.Error(w, "not ready: "+why, http.StatusServiceUnavailable)
 			return
 		}
 		_, _ = io.WriteString(w, "ready\n")

@@ -96,13 +96,16 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	conn := vm.NewConn(cfg.LibvirtSocket, cfg.LibvirtURI, cfg.LibvirtTimeout, log)
 	ex := vm.NewExecutor(conn, vm.Config{Roots: roots}, log)
 	w, err := bus.New(nc, bus.Config{
-		Host:          cfg.Host,
-		Delivery:      cfg.Delivery,
-		QueueSize:     cfg.QueueSize,
-		Concurrency:   cfg.Concurrency,
-		MaxDeliver:    cfg.MaxDeliver,
-		Actions:       actionNames(),
-		ReplyPrefixes: cfg.ReplyPrefixes,
+		Host:           cfg.Host,
+		Delivery:       cfg.Delivery,
+		QueueSize:      cfg.QueueSize,
+		Concurrency:    cfg.Concurrency,
+		MaxDeliver:     cfg.MaxDeliver,
+		Actions:        actionNames(),
+		ReplyPrefixes:  cfg.ReplyPrefixes,
+		CommandMaxAge:  cfg.CommandMaxAge,
+		StreamReplicas: cfg.StreamReplicas,
+		Lease:          cfg.Lease,
 	}, handler(ex), log, reg)
 	if err != nil {
 		return err
@@ -119,7 +122,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if err != nil {
 		return err
 	}
-	stopHTTP, err := startHTTP(cfg, api, reg, func() bool { return w.Ready() && conn.Up() }, &wg, log)
+	stopHTTP, err := startHTTP(cfg, api, reg, readiness(w, conn), &wg, log)
 	if err != nil {
 		return err
 	}
@@ -151,6 +154,21 @@ func handler(ex *vm.Executor) bus.Handler {
 			}
 		}
 		return bus.Outcome{Err: &bus.Error{Code: vm.Code(err), Message: vm.Message(err)}}
+	}
+}
+
+// readiness is what /readyz answers: ready, or why not.
+func readiness(w *bus.Worker, conn *vm.Conn) func() (bool, string) {
+	return func() (bool, string) {
+		switch {
+		case w.Standby():
+			return false, "standby: another worker holds this host's lease"
+		case !w.Ready():
+			return false, "NATS not connected, or the stream, consumer or buckets not set up"
+		case !conn.Up():
+			return false, "libvirt not connected"
+		}
+		return true, ""
 	}
 }
 

@@ -13,13 +13,12 @@ import (
 // message (queued or running) is still being worked on, so that a command
 // waiting behind a long one is not redelivered.
 func (w *Worker) heartbeat(ctx context.Context) {
-	t := time.NewTicker(max(w.cfg.AckWait/3, 10*time.Millisecond))
-	defer t.Stop()
 	for {
+		every := max(time.Duration(w.ackWait.Load())/3, 10*time.Millisecond)
 		select {
 		case <-ctx.Done():
 			return
-		case <-t.C:
+		case <-time.After(every):
 		}
 		if !w.nc.IsConnected() {
 			continue

@@ -5,7 +5,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"log/slog"
 	"runtime/debug"
 	"slices"
 	"sync"
@@ -29,29 +28,41 @@ const (
 	// unacked until AckWait.
 	fetchWait = time.Second
 	// setupTimeout bounds one round of stream, consumer and bucket calls.
-	setupTimeout = 10 * time.Second
+	setupTimeout = 5 * time.Second
+	// verifyEvery is how often the fetch loop checks that the consumer and
+	// the record bucket still exist.
+	verifyEvery = 2 * time.Second
 	// ackTries bounds the confirmed acks of one message while connected:
 	// when they all fail, the command is answered again from its record on
 	// redelivery.
 	ackTries = 5
 )
 
-// runJetStream is Run for DeliveryJetStream.
+// runJetStream is Run for DeliveryJetStream. Three loops run until ctx
+// ends: keepSetUp owns the stream, consumer, buckets and lease; fetchLoop
+// pulls into the FIFO; the queue runs the commands. ErrLeaseLost ends it
+// early: another worker took this host over.
 func (w *Worker) runJetStream(ctx context.Context) error {
 	js, err := jetstream.New(w.nc)
 	if err != nil {
 		return fmt.Errorf("jetstream context: %w", err)
 	}
+	ctx, stop := context.WithCancelCause(ctx)
+	defer stop(nil)
 
 	left := make(chan []*job, 1)
 	go func() {
 		left <- w.q.Run(ctx, func(_ string, j *job) { w.guard(ctx, j, w.processJS) })
 	}()
 	beatCtx, stopBeat := context.WithCancel(context.WithoutCancel(ctx))
-	var beats sync.WaitGroup
-	beats.Go(func() { w.heartbeat(beatCtx) })
+	// The lease is kept until everything held was handed back: a standby
+	// that took over earlier could fetch a VM's later commands first.
+	leaseCtx, stopLease := context.WithCancel(context.WithoutCancel(ctx))
+	var loops, leases sync.WaitGroup
+	loops.Go(func() { w.heartbeat(beatCtx) })
+	loops.Go(func() { w.keepSetUp(ctx, js, func(l *lease) { leases.Go(func() { w.keepLease(leaseCtx, l, stop) }) }) })
 
-	w.fetchLoop(ctx, js)
+	w.fetchLoop(ctx)
 
 	// The queue hands back what it did not start only after the running
 	// commands ended, so no command is answered after Run returns. Messages
@@ -65,7 +76,7 @@ func (w *Worker) runJetStream(ctx context.Context) error {
 		w.handBack(j)
 	}
 	stopBeat()
-	beats.Wait()
+	loops.Wait()
 	w.markStopped()
 	// Naks are fire-and-forget: push them out before the caller closes the
 	// connection.
@@ -73,6 +84,11 @@ func (w *Worker) runJetStream(ctx context.Context) error {
 		if err := w.nc.FlushTimeout(publishTimeout); err != nil {
 			w.log.Warn("flush at shutdown", "err", err)
 		}
+	}
+	stopLease()
+	leases.Wait()
+	if cause := context.Cause(ctx); errors.Is(cause, ErrLeaseLost) {
+		return cause
 	}
 	return nil
 }
@@ -89,151 +105,34 @@ func (w *Worker) markStopped() {
 	}
 }
 
-// setup finds the stream, this host's consumer and the record bucket, and
-// creates whichever is missing. It never updates one that exists: they
-// belong to the operator once they exist (limits, replicas, max age), and
-// the worker's NATS user needs no right to change them. Setup is simply
-// repeated after an error that may mean the server lost them.
-func (w *Worker) setup(ctx context.Context, js jetstream.JetStream) (jetstream.Consumer, error) {
-	ctx, cancel := context.WithTimeout(ctx, setupTimeout)
-	defer cancel()
-	streamCfg := jetstream.StreamConfig{
-		Name:        StreamName,
-		Description: "virtbus commands, kept until a worker answers them",
-		Subjects:    []string{CommandPrefix + ".>"},
-		Retention:   jetstream.WorkQueuePolicy,
-		Storage:     jetstream.FileStorage,
-		Duplicates:  w.cfg.DupWindow,
-	}
-	if _, err := findOrCreate(ctx, w.log, "stream "+StreamName, jetstream.ErrStreamNotFound,
-		func() (jetstream.Stream, error) { return js.Stream(ctx, StreamName) },
-		func() (jetstream.Stream, error) { return js.CreateStream(ctx, streamCfg) }); err != nil {
-		return nil, err
-	}
-	name := ConsumerName(w.cfg.Host)
-	consCfg := jetstream.ConsumerConfig{
-		Durable:       name,
-		Description:   "virtbus worker on " + w.cfg.Host,
-		FilterSubject: CommandPrefix + "." + w.cfg.Host + ".>",
-		AckPolicy:     jetstream.AckExplicitPolicy,
-		AckWait:       w.cfg.AckWait,
-		// The bus counts deliveries itself, so that a command that runs out
-		// of them is answered instead of vanishing in the stream.
-		MaxDeliver: -1,
-	}
-	cons, err := findOrCreate(ctx, w.log, "consumer "+name, jetstream.ErrConsumerNotFound,
-		func() (jetstream.Consumer, error) { return js.Consumer(ctx, StreamName, name) },
-		func() (jetstream.Consumer, error) { return js.CreateConsumer(ctx, StreamName, consCfg) })
-	if err != nil {
-		return nil, err
-	}
-	recs, err := openRecords(ctx, js, w.log, w.cfg.Host, w.cfg.RecordTTL)
-	if err != nil {
-		return nil, err
-	}
-	w.records.Store(recs)
-	return cons, nil
-}
-
-// findOrCreate looks a JetStream object up and creates it only when the
-// lookup says it is missing. When two workers create it at once, the loser
-// finds the winner's.
-func findOrCreate[T any](ctx context.Context, log *slog.Logger, what string, missing error, find, create func() (T, error)) (T, error) {
-	v, err := find()
-	if err == nil {
-		return v, nil
-	}
-	if !errors.Is(err, missing) {
-		return v, fmt.Errorf("look up %s: %w", what, err)
-	}
-	if v, err = create(); err == nil {
-		log.Info("created " + what + " (it was missing)")
-		return v, nil
-	}
-	if v, ferr := find(); ferr == nil {
-		return v, nil
-	}
-	return v, fmt.Errorf("create %s: %w", what, err)
-}
-
-// takeOver runs before the first fetch of a Run, while this worker holds
-// nothing. Commands the consumer still counts as pending were then either
-// handed back by a worker that shut down cleanly (they come back at once)
-// or taken by one that died (SIGKILL, power loss): those come back only
-// once their ack wait has passed, and fetching before that would run later
-// commands of the same VM first. So after a death takeOver waits until
-// then; the server then redelivers the held commands ahead of the newer
-// ones, in order, with their delivery counts intact (re-creating the
-// consumer would reset those, and with them the MaxDeliver guard against a
-// command that kills the worker every time).
-func (w *Worker) takeOver(ctx context.Context, cons jetstream.Consumer) {
-	info := cons.CachedInfo()
-	if info.NumAckPending == 0 || info.Delivered.Last == nil {
-		return
-	}
-	stopped, err := w.records.Load().stoppedAt(ctx)
-	if err != nil {
-		w.log.Warn("reading the last clean shutdown failed; assuming none", "err", err)
-	}
-	if !stopped.Before(*info.Delivered.Last) {
-		return // handed back at shutdown: already redeliverable
-	}
-	wait := time.Until(info.Delivered.Last.Add(info.Config.AckWait))
-	if wait <= 0 {
-		return
-	}
-	w.log.Warn("an earlier worker died holding commands; waiting for them to come back so each VM keeps its order",
-		"pending", info.NumAckPending, "wait", wait.Round(time.Millisecond))
-	sleep(ctx, wait)
-}
-
-// fetchLoop pulls as many messages as the FIFO has room for until ctx ends.
-// It outlives any NATS outage: errors mean back off and set up again.
-func (w *Worker) fetchLoop(ctx context.Context, js jetstream.JetStream) {
-	var (
-		cons       jetstream.Consumer
-		takeover   = true // until takeOver has looked once
-		reconnects uint64
-		// A server without JetStream fails setup for good: back off to
-		// one warning every half minute.
-		setupDelay = time.Second
-	)
+// fetchLoop pulls as many messages as the FIFO has room for until ctx
+// ends, from the consumer keepSetUp provides. It outlives any NATS outage:
+// a fetch error hands the consumer back to keepSetUp to set up again.
+func (w *Worker) fetchLoop(ctx context.Context) {
+	reconnects := w.nc.Stats().Reconnects
 	for ctx.Err() == nil {
 		// A pull published while disconnected would wait in the reconnect
 		// buffer and reach the server long after it was given up.
 		if waitConnected(ctx, w.nc) != nil {
 			return
 		}
-		// The server we reconnected to may have lost the stream or the
-		// consumer (a new node, a wiped store); pulls to a missing consumer
-		// just go unanswered, so set up again after every reconnect.
-		if n := w.nc.Stats().Reconnects; n != reconnects {
-			reconnects, cons = n, nil
-		}
+		cons := w.cons.Load()
 		if cons == nil {
-			var err error
-			if cons, err = w.setup(ctx, js); err != nil {
-				if ctx.Err() == nil {
-					w.log.Warn("jetstream setup failed; retrying", "err", err, "retry_in", setupDelay)
-				}
-				sleep(ctx, setupDelay)
-				setupDelay = min(2*setupDelay, 30*time.Second)
-				continue
-			}
-			setupDelay = time.Second
-			if takeover {
-				w.takeOver(ctx, cons)
-				takeover = false
-			}
-			w.ready.Store(true)
-			w.log.Info("consuming", "stream", StreamName, "consumer", ConsumerName(w.cfg.Host))
+			sleep(ctx, 50*time.Millisecond)
+			continue
 		}
-
+		// After a reconnect the server may have lost the consumer; pulls
+		// to a missing one just go unanswered.
+		if n := w.nc.Stats().Reconnects; n != reconnects {
+			reconnects = n
+			w.lose(cons)
+			continue
+		}
 		room, err := w.q.WaitRoom(ctx)
 		if err != nil {
 			return
 		}
-		batch, err := cons.Fetch(room, jetstream.FetchMaxWait(w.fetchWait))
+		batch, err := (*cons).Fetch(room, jetstream.FetchMaxWait(w.fetchWait))
 		if err == nil {
 			for msg := range batch.Messages() {
 				w.accept(msg)
@@ -242,8 +141,7 @@ func (w *Worker) fetchLoop(ctx context.Context, js jetstream.JetStream) {
 		}
 		if err != nil && !errors.Is(err, jetstream.ErrNoMessages) {
 			w.log.Warn("fetch failed; setting up again", "err", err)
-			cons = nil
-			w.ready.Store(false)
+			w.lose(cons)
 			sleep(ctx, time.Second)
 		}
 	}

@@ -24,7 +24,7 @@ type records struct {
 	host string
 }
 
-func openRecords(ctx context.Context, js jetstream.JetStream, log *slog.Logger, host string, ttl time.Duration) (*records, error) {
+func openRecords(ctx context.Context, js jetstream.JetStream, log *slog.Logger, host string, ttl time.Duration, replicas int) (*records, error) {
 	kv, err := findOrCreate(ctx, log, "kv bucket "+RecordBucket, jetstream.ErrBucketNotFound,
 		func() (jetstream.KeyValue, error) { return js.KeyValue(ctx, RecordBucket) },
 		func() (jetstream.KeyValue, error) {
@@ -34,6 +34,7 @@ func openRecords(ctx context.Context, js jetstream.JetStream, log *slog.Logger, 
 				History:     1,
 				TTL:         ttl,
 				Storage:     jetstream.FileStorage,
+				Replicas:    replicas,
 			})
 		})
 	if err != nil {
@@ -88,8 +89,9 @@ func (r *records) markStopped(ctx context.Context, t time.Time) error {
 	return nil
 }
 
-// stoppedAt is when the worker last shut down cleanly; zero if never (or
-// longer ago than the bucket's TTL).
+// stoppedAt is when the worker last shut down cleanly, by the server's
+// clock (the time it stored the mark); zero if never (or longer ago than
+// the bucket's TTL).
 func (r *records) stoppedAt(ctx context.Context) (time.Time, error) {
 	ctx, cancel := context.WithTimeout(ctx, recordTimeout)
 	defer cancel()
@@ -100,7 +102,23 @@ func (r *records) stoppedAt(ctx context.Context) (time.Time, error) {
 	if err != nil {
 		return time.Time{}, fmt.Errorf("read clean shutdown: %w", err)
 	}
-	return time.Parse(time.RFC3339Nano, string(e.Value()))
+	return e.Created(), nil
+}
+
+// serverNow is the server's time: when it stores a write to this host's
+// clock key.
+func (r *records) serverNow(ctx context.Context) (time.Time, error) {
+	ctx, cancel := context.WithTimeout(ctx, recordTimeout)
+	defer cancel()
+	key := keyPart(r.host) + ".worker.clock"
+	if _, err := r.kv.Put(ctx, key, nil); err != nil {
+		return time.Time{}, fmt.Errorf("write clock key: %w", err)
+	}
+	e, err := r.kv.Get(ctx, key)
+	if err != nil {
+		return time.Time{}, fmt.Errorf("read clock key: %w", err)
+	}
+	return e.Created(), nil
 }
 
 // recordKey is "<host>.<id>", each part kept readable when it is made of

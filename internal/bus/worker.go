@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/virtbus/virtbus/internal/queue"
@@ -36,6 +37,12 @@ type Config struct {
 	// still run (default 24h); after that, or after its Virtbus-Expires
 	// deadline, it ends in CodeExpired without running.
 	CommandMaxAge time.Duration
+	// StreamReplicas is used only when the worker creates the stream and
+	// the buckets (default 1).
+	StreamReplicas int
+	// Lease is how long the active worker of a host holds its lease
+	// without renewing it; a standby takes over within it (default 15s).
+	Lease time.Duration
 
 	// RetryBackoff is the delay before the second delivery of a command that
 	// ended `unavailable`; it doubles with each delivery up to
@@ -94,6 +101,7 @@ func (c Config) withDefaults() (Config, error) {
 		{"queue size", &c.QueueSize, 64},
 		{"concurrency", &c.Concurrency, 1},
 		{"max deliver", &c.MaxDeliver, 5},
+		{"stream replicas", &c.StreamReplicas, 1},
 	}
 	for _, f := range ints {
 		if *f.v < 0 {
@@ -118,6 +126,7 @@ func (c Config) withDefaults() (Config, error) {
 		{"duplicate window", &c.DupWindow, 2 * time.Minute},
 		{"record ttl", &c.RecordTTL, 24 * time.Hour},
 		{"command max age", &c.CommandMaxAge, 24 * time.Hour},
+		{"lease", &c.Lease, 15 * time.Second},
 		{"retry backoff", &c.RetryBackoff, time.Second},
 		{"retry backoff max", &c.RetryBackoffMax, 30 * time.Second},
 	}
@@ -155,6 +164,19 @@ type Worker struct {
 	held    heldSet
 	records atomic.Pointer[records]
 	late    []*job // fetched after shutdown began; only the fetch loop touches it
+	// ackWait is the consumer's, as the server has it (an operator may
+	// have changed it): the heartbeat must beat well within it.
+	ackWait atomic.Int64
+	// warned names the settings already logged as breaking a promise;
+	// only the fetch loop touches it.
+	warned map[string]bool
+	// standby is set while another worker holds this host's lease.
+	standby atomic.Bool
+	// cons is the consumer to fetch from, set by keepSetUp once everything
+	// is set up and the lease is held; nil meanwhile.
+	cons atomic.Pointer[jetstream.Consumer]
+	// lost wakes keepSetUp when the fetch loop lost the consumer.
+	lost chan struct{}
 
 	// fetchWait is how long one pull waits for messages (fetchWait unless
 	// a test wants quicker shutdowns).
@@ -188,9 +210,12 @@ func New(nc *nats.Conn, cfg Config, h Handler, log *slog.Logger, reg prometheus.
 		log:     log.With("delivery", cfg.Delivery),
 		q:       queue.New[*job](cfg.QueueSize, cfg.Concurrency),
 		held:    newHeldSet(),
+		warned:  map[string]bool{},
+		lost:    make(chan struct{}, 1),
 
 		fetchWait: fetchWait,
 	}
+	w.ackWait.Store(int64(cfg.AckWait))
 	if w.m, err = newMetrics(reg, nc, w.q, cfg.Actions); err != nil {
 		return nil, err
 	}
@@ -243,6 +268,10 @@ var ErrConnectionClosed = errors.New("nats connection closed")
 func (w *Worker) Ready() bool {
 	return w.ready.Load() && w.nc.IsConnected()
 }
+
+// Standby reports whether another worker holds this host's lease, so
+// this one waits to take over (/readyz says "standby").
+func (w *Worker) Standby() bool { return w.standby.Load() }
 
 // Reconnects is the virtbus_reconnects_total counter of target, for the
 // other connections the worker keeps (target "libvirt"); the bus counts
