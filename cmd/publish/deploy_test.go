@@ -135,6 +135,9 @@ func testDeployRules(t *testing.T, url string) {
 		{"hv1", "pub", "$JS.API.DIRECT.GET.KV_VIRTBUS_DONE", deny},
 		{"hv1", "pub", "$JS.API.DIRECT.GET.KV_VIRTBUS_DONE.$KV.VIRTBUS_DONE.hv2.x", deny},
 		{"hv1", "pub", "$KV.VIRTBUS_DONE.hv2.x", deny},
+		{"hv1", "pub", "$KV.VIRTBUS_LEASE.hv2", deny},
+		{"hv1", "pub", "$JS.API.DIRECT.GET.KV_VIRTBUS_LEASE.$KV.VIRTBUS_LEASE.hv2", deny},
+		{"tenant-a", "pub", "$KV.VIRTBUS_LEASE.hv1", deny},
 		{"hv1", "pub", "virtbus.evt.hv2.x.stop", deny},
 		{"hv1", "pub", "virtbus.cmd.hv2.x.stop", deny},
 		// Replies: the tenants' inboxes and virtbus.reply; not another
