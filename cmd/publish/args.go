@@ -31,6 +31,7 @@ type config struct {
 	json    bool
 	id      string // command id; in load mode the prefix of the ids, or empty
 	core    bool
+	expires time.Duration // > 0: the command's deadline, from when it is sent
 
 	action string
 	vm     string   // single mode
@@ -103,6 +104,7 @@ func parseArgs(args []string, getenv func(string) string, stderr io.Writer) (*co
 	fs.DurationVar(&c.timeout, "timeout", 2*time.Minute, "how long to wait for the PubAck and the completion (per command in load mode)")
 	fs.BoolVar(&c.json, "json", false, "print the completion JSON as the worker sent it (load mode: the summary as JSON)")
 	fs.StringVar(&c.id, "id", "", "command id, the Nats-Msg-Id JetStream deduplicates on: "+idRule+" (default a fresh NUID; load mode: <id>-<n>)")
+	fs.DurationVar(&c.expires, "expires", 0, "the worker runs the command only if it takes it within this long (Virtbus-Expires), else answers code=expired; 0: its own age limit only")
 	fs.BoolVar(&c.core, "core", false, "core-NATS request instead of JetStream, for a worker with VIRTBUS_DELIVERY=core (at most once)")
 	rawParams := fs.String("params", "", "the parameters as one raw JSON object, instead of key=value")
 	fs.IntVar(&c.count, "count", 0, "load mode: send this many commands")
@@ -147,6 +149,9 @@ func parseArgs(args []string, getenv func(string) string, stderr io.Writer) (*co
 	}
 	if c.timeout <= 0 {
 		return nil, usageErrorf("-timeout must be positive, not %s", c.timeout)
+	}
+	if c.expires < 0 {
+		return nil, usageErrorf("-expires must not be negative, not %s", c.expires)
 	}
 	if err := checkInboxPrefix(c.conn.InboxPrefix); err != nil {
 		return nil, err

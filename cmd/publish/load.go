@@ -165,7 +165,7 @@ func (l *loader) send(ctx context.Context, id, vm string) (o outcome) {
 	tctx, cancel := context.WithTimeout(ctx, c.timeout)
 	defer cancel()
 	subject := bus.CommandSubject(c.host, vm, c.action)
-	msg := commandMsg(subject, id, c.params)
+	msg := withDeadline(commandMsg(subject, id, c.params), c.expires)
 	begin := time.Now()
 	ended := func(err error) outcome {
 		switch {

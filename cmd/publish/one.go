@@ -9,6 +9,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -22,7 +23,7 @@ func runOne(ctx context.Context, nc *nats.Conn, c *config, stdout, stderr io.Wri
 	tctx, cancel := context.WithTimeout(ctx, c.timeout)
 	defer cancel()
 	subject := bus.CommandSubject(c.host, c.vm, c.action)
-	msg := commandMsg(subject, c.id, c.params)
+	msg := withDeadline(commandMsg(subject, c.id, c.params), c.expires)
 
 	if c.core {
 		return coreOne(ctx, tctx, nc, c, msg, stdout)
@@ -137,6 +138,14 @@ func commandMsg(subject, id string, params json.RawMessage) *nats.Msg {
 	m := nats.NewMsg(subject)
 	m.Header.Set(bus.HeaderMsgID, id)
 	m.Data = params
+	return m
+}
+
+// withDeadline sets Virtbus-Expires to now plus d, when d is set.
+func withDeadline(m *nats.Msg, d time.Duration) *nats.Msg {
+	if d > 0 {
+		m.Header.Set(bus.HeaderExpires, time.Now().Add(d).UTC().Format(time.RFC3339))
+	}
 	return m
 }
 

@@ -217,6 +217,18 @@ func TestJetStream(t *testing.T) {
 		}
 	})
 
+	t.Run("expires", func(t *testing.T) {
+		before := time.Now()
+		runPublish(ctx, url, "-expires", "10m", "status", "web-1").want(t, exitOK)
+		exp, err := time.Parse(time.RFC3339, resp.lastGot().header.Get(bus.HeaderExpires))
+		if err != nil {
+			t.Fatalf("Virtbus-Expires: %v", err)
+		}
+		if d := exp.Sub(before); d < 10*time.Minute-time.Second || d > 10*time.Minute+time.Minute {
+			t.Errorf("Virtbus-Expires %s is %s after sending, want about 10m", exp, d)
+		}
+	})
+
 	t.Run("error completion", func(t *testing.T) {
 		r := runPublish(ctx, url, "stop", "missing")
 		r.want(t, exitFailed)
