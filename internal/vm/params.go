@@ -16,7 +16,7 @@ const (
 	DefaultStopTimeout   = 60 * time.Second
 	DefaultRebootTimeout = 120 * time.Second
 	DefaultDetachTimeout = 30 * time.Second
-	maxTimeout           = time.Hour
+	MaxTimeout           = time.Hour // the longest timeout an action may ask for
 )
 
 // Duration is a time.Duration that reads a Go duration string ("90s").
@@ -99,8 +99,8 @@ func timeoutOr(d Duration, def time.Duration) (time.Duration, error) {
 	switch {
 	case v == 0:
 		return def, nil
-	case v < 0 || v > maxTimeout:
-		return 0, fmt.Errorf("%w: timeout %s out of range (0 to %s)", ErrInvalid, v, maxTimeout)
+	case v < 0 || v > MaxTimeout:
+		return 0, fmt.Errorf("%w: timeout %s out of range (0 to %s)", ErrInvalid, v, MaxTimeout)
 	}
 	return v, nil
 }
