@@ -76,8 +76,8 @@ func checkInvalid(t *testing.T, what string, err error) {
 
 func checkTimeout(t *testing.T, d Duration) {
 	t.Helper()
-	if v := time.Duration(d); v <= 0 || v > maxTimeout {
-		t.Fatalf("timeout %s, want within (0, %s]", v, maxTimeout)
+	if v := time.Duration(d); v <= 0 || v > MaxTimeout {
+		t.Fatalf("timeout %s, want within (0, %s]", v, MaxTimeout)
 	}
 }
 
