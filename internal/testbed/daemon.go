@@ -35,14 +35,7 @@ func OwnLibvirtd(t testing.TB) {
 func StopLibvirtd(t testing.TB) {
 	t.Helper()
 	OwnLibvirtd(t)
-	b, err := os.ReadFile("/run/libvirtd.pid")
-	if err != nil {
-		t.Fatalf("read libvirtd pid: %v", err)
-	}
-	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
-	if err != nil {
-		t.Fatalf("parse libvirtd pid %q: %v", b, err)
-	}
+	pid := libvirtdPid(t)
 	if err := syscall.Kill(pid, syscall.SIGTERM); err != nil {
 		t.Fatalf("stop libvirtd (pid %d): %v", pid, err)
 	}
@@ -52,6 +45,69 @@ func StopLibvirtd(t testing.TB) {
 		}
 	}
 	t.Fatalf("libvirtd (pid %d) did not exit within 30s", pid)
+}
+
+// FreezeLibvirtd stops the test bed's libvirtd with SIGSTOP: its socket
+// still accepts connections but nothing is answered, as with a daemon that
+// deadlocked. Other tests share the daemon, so keep the frozen window to a
+// few seconds. It is thawed (SIGCONT) when the test ends, whatever happened
+// in it; and should the test binary die before that (a -timeout panic, a
+// kill), a watchdog process of its own thaws the daemon after at most limit.
+func FreezeLibvirtd(t testing.TB, limit time.Duration) {
+	t.Helper()
+	OwnLibvirtd(t)
+	pid := libvirtdPid(t)
+	watchdog := exec.Command("sh", "-c", `sleep "$1"; kill -CONT "$2"`, "libvirtd-thaw",
+		strconv.FormatFloat(limit.Seconds(), 'f', 3, 64), strconv.Itoa(pid))
+	// A session of its own: a signal to the test's process group spares it.
+	watchdog.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := watchdog.Start(); err != nil {
+		t.Fatalf("start libvirtd thaw watchdog: %v", err)
+	}
+	// Registered before the freeze, so that no failure below leaves it frozen.
+	t.Cleanup(func() {
+		thaw(t, pid)
+		_ = syscall.Kill(-watchdog.Process.Pid, syscall.SIGKILL)
+		_ = watchdog.Wait()
+	})
+	if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
+		t.Fatalf("freeze libvirtd (pid %d): %v", pid, err)
+	}
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		if st, _ := procState(pid); strings.HasPrefix(st, "T") {
+			return
+		}
+	}
+	t.Fatalf("libvirtd (pid %d) not stopped 5s after SIGSTOP", pid)
+}
+
+// ThawLibvirtd lets the test bed's libvirtd run again after FreezeLibvirtd.
+// Thawing a daemon that runs changes nothing.
+func ThawLibvirtd(t testing.TB) {
+	t.Helper()
+	OwnLibvirtd(t)
+	thaw(t, libvirtdPid(t))
+}
+
+func thaw(t testing.TB, pid int) {
+	t.Helper()
+	if err := syscall.Kill(pid, syscall.SIGCONT); err != nil && !errors.Is(err, syscall.ESRCH) {
+		t.Errorf("thaw libvirtd (pid %d): %v", pid, err)
+	}
+}
+
+// libvirtdPid is the running libvirtd's pid, from its pid file.
+func libvirtdPid(t testing.TB) int {
+	t.Helper()
+	b, err := os.ReadFile("/run/libvirtd.pid")
+	if err != nil {
+		t.Fatalf("read libvirtd pid: %v", err)
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil {
+		t.Fatalf("parse libvirtd pid %q: %v", b, err)
+	}
+	return pid
 }
 
 // StartLibvirtd starts the test bed's libvirtd again and waits for its
@@ -76,14 +132,21 @@ func alive(pid int) bool {
 	if err := syscall.Kill(pid, 0); errors.Is(err, syscall.ESRCH) {
 		return false
 	}
+	st, ok := procState(pid)
+	return ok && !strings.HasPrefix(st, "Z")
+}
+
+// procState is the State line of /proc/<pid>/status ("S (sleeping)",
+// "T (stopped)", "Z (zombie)", ...); ok is false when pid is gone.
+func procState(pid int) (state string, ok bool) {
 	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
 	if err != nil {
-		return false
+		return "", false
 	}
 	for _, line := range strings.Split(string(b), "\n") {
-		if state, ok := strings.CutPrefix(line, "State:"); ok {
-			return !strings.HasPrefix(strings.TrimSpace(state), "Z")
+		if st, found := strings.CutPrefix(line, "State:"); found {
+			return strings.TrimSpace(st), true
 		}
 	}
-	return true
+	return "", true
 }

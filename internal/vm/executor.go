@@ -41,6 +41,11 @@ type Executor struct {
 	log  *slog.Logger
 
 	attaching chan struct{} // held by the attach past its sharing check
+
+	// afterShutdown, set by tests only, runs when a soft reboot's shutdown is
+	// done; an error ends the reboot there, before its start, as a worker
+	// that crashed at that point would leave it.
+	afterShutdown func() error
 }
 
 // NewExecutor returns an executor that talks through conn.

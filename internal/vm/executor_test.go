@@ -19,34 +19,47 @@ import (
 	"libvirt.org/go/libvirtxml"
 )
 
-// harness is an executor on a connection of its own, plus a plain go-libvirt
+// harness is an executor on a connection of its own, plus a go-libvirt
 // connection the test uses to set things up and to check what libvirt says.
 type harness struct {
-	ex *vm.Executor
-	l  *libvirt.Libvirt
+	ex   *vm.Executor
+	conn *vm.Conn
+	// lv outlives a restart of libvirtd, which another package's test may
+	// make while this one runs: ask it for a client at every use.
+	lv *testbed.Live
+	// stop ends the Conn's Run and waits for it; the test's end does too.
+	stop func()
 }
 
 func newHarness(t *testing.T) harness {
 	t.Helper()
-	return newHarnessRoots(t, testbed.ImageRoot())
+	return newHarnessWith(t, 15*time.Second, testbed.ImageRoot())
 }
 
 // newHarnessRoots is newHarness with the disk roots given.
 func newHarnessRoots(t *testing.T, diskRoots ...string) harness {
 	t.Helper()
-	l := testbed.Require(t)
+	return newHarnessWith(t, 15*time.Second, diskRoots...)
+}
+
+// newHarnessWith is newHarness with the libvirt call timeout and the disk
+// roots given.
+func newHarnessWith(t *testing.T, timeout time.Duration, diskRoots ...string) harness {
+	t.Helper()
+	lv := testbed.RequireLive(t)
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	conn := vm.NewConn(testbed.Socket(), "qemu:///system", 15*time.Second, log)
+	conn := vm.NewConn(testbed.Socket(), "qemu:///system", timeout, log)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { conn.Run(ctx); close(done) }()
-	t.Cleanup(func() { cancel(); <-done })
+	stop := func() { cancel(); <-done }
+	t.Cleanup(stop)
 	roots, err := vm.NewDiskRoots(diskRoots)
 	if err != nil {
 		t.Fatal(err)
 	}
 	ex := vm.NewExecutor(conn, vm.Config{Roots: roots, ShutdownRetry: 500 * time.Millisecond}, log)
-	return harness{ex: ex, l: l}
+	return harness{ex: ex, conn: conn, lv: lv, stop: stop}
 }
 
 func (h harness) do(t *testing.T, vmName string, a vm.Action, params string) (vm.Result, error) {
@@ -78,9 +91,9 @@ func (h harness) fails(t *testing.T, vmName string, a vm.Action, params, code st
 	return err
 }
 
-func wantState(t *testing.T, l *libvirt.Libvirt, dom libvirt.Domain, want libvirt.DomainState) {
+func wantState(t *testing.T, lv *testbed.Live, dom libvirt.Domain, want libvirt.DomainState) {
 	t.Helper()
-	if got := testbed.State(t, l, dom); got != want {
+	if got := lv.State(dom); got != want {
 		t.Fatalf("libvirt says %s is %s, want %s", dom.Name, vm.StateName(got), vm.StateName(want))
 	}
 }
@@ -115,47 +128,47 @@ func resets(t *testing.T, l *libvirt.Libvirt, dom libvirt.Domain) func() int {
 func TestStart(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t)
-	dom := testbed.Domain(t, h.l, "start", testbed.DomainOptions{})
+	dom := h.lv.Domain("start", testbed.DomainOptions{})
 	h.ok(t, dom, vm.Start, ``, true, "running")
-	wantState(t, h.l, dom, libvirt.DomainRunning)
+	wantState(t, h.lv, dom, libvirt.DomainRunning)
 	h.ok(t, dom, vm.Start, `{}`, false, "running")
-	wantState(t, h.l, dom, libvirt.DomainRunning)
+	wantState(t, h.lv, dom, libvirt.DomainRunning)
 }
 
 func TestStartResumesPaused(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t)
-	dom := testbed.Domain(t, h.l, "resume", testbed.DomainOptions{Running: true})
-	if err := h.l.DomainSuspend(dom); err != nil {
+	dom := h.lv.Domain("resume", testbed.DomainOptions{Running: true})
+	if err := h.lv.Conn().DomainSuspend(dom); err != nil {
 		t.Fatal(err)
 	}
 	res := h.ok(t, dom, vm.Start, ``, true, "running")
 	if res.Detail["resumed"] != true {
 		t.Fatalf("detail %v, want resumed=true", res.Detail)
 	}
-	wantState(t, h.l, dom, libvirt.DomainRunning)
+	wantState(t, h.lv, dom, libvirt.DomainRunning)
 }
 
 func TestStartByUUID(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t)
-	dom := testbed.Domain(t, h.l, "uuid", testbed.DomainOptions{})
+	dom := h.lv.Domain("uuid", testbed.DomainOptions{})
 	res, err := h.do(t, uuidOf(dom), vm.Start, ``)
 	if err != nil || !res.Changed || res.State != "running" {
 		t.Fatalf("start by UUID: %+v, %v", res, err)
 	}
-	wantState(t, h.l, dom, libvirt.DomainRunning)
+	wantState(t, h.lv, dom, libvirt.DomainRunning)
 }
 
 func TestStopForce(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t)
-	dom := testbed.Domain(t, h.l, "stopforce", testbed.DomainOptions{Running: true})
+	dom := h.lv.Domain("stopforce", testbed.DomainOptions{Running: true})
 	res := h.ok(t, dom, vm.Stop, `{"mode":"force"}`, true, "shutoff")
 	if res.Detail["forced"] != true {
 		t.Fatalf("detail %v, want forced=true", res.Detail)
 	}
-	wantState(t, h.l, dom, libvirt.DomainShutoff)
+	wantState(t, h.lv, dom, libvirt.DomainShutoff)
 	h.ok(t, dom, vm.Stop, `{"mode":"force"}`, false, "shutoff")
 	h.ok(t, dom, vm.Stop, ``, false, "shutoff")
 }
@@ -165,7 +178,7 @@ func TestStopForce(t *testing.T) {
 func TestStopGracefulForcedAfterTimeout(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t)
-	dom := testbed.Domain(t, h.l, "stoptimeout", testbed.DomainOptions{Running: true})
+	dom := h.lv.Domain("stoptimeout", testbed.DomainOptions{Running: true})
 	start := time.Now()
 	res := h.ok(t, dom, vm.Stop, `{"timeout":"1500ms"}`, true, "shutoff")
 	if res.Detail["forced"] != true {
@@ -174,7 +187,7 @@ func TestStopGracefulForcedAfterTimeout(t *testing.T) {
 	if waited := time.Since(start); waited < 1500*time.Millisecond {
 		t.Fatalf("destroyed after %s, before the 1.5s timeout", waited)
 	}
-	wantState(t, h.l, dom, libvirt.DomainShutoff)
+	wantState(t, h.lv, dom, libvirt.DomainShutoff)
 }
 
 // A guest that powers off while the stop waits (here: the test pulls the
@@ -182,23 +195,23 @@ func TestStopGracefulForcedAfterTimeout(t *testing.T) {
 func TestStopGracefulGuestGoesDown(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t)
-	dom := testbed.Domain(t, h.l, "stopdown", testbed.DomainOptions{Running: true})
+	dom := h.lv.Domain("stopdown", testbed.DomainOptions{Running: true})
 	go func() {
 		time.Sleep(time.Second)
-		_ = h.l.DomainDestroy(dom)
+		_ = h.lv.Conn().DomainDestroy(dom)
 	}()
 	res := h.ok(t, dom, vm.Stop, `{"timeout":"60s"}`, true, "shutoff")
 	if res.Detail["forced"] != false {
 		t.Fatalf("detail %v, want forced=false", res.Detail)
 	}
-	wantState(t, h.l, dom, libvirt.DomainShutoff)
+	wantState(t, h.lv, dom, libvirt.DomainShutoff)
 }
 
 func TestStopPausedIsForcedAtOnce(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t)
-	dom := testbed.Domain(t, h.l, "stoppaused", testbed.DomainOptions{Running: true})
-	if err := h.l.DomainSuspend(dom); err != nil {
+	dom := h.lv.Domain("stoppaused", testbed.DomainOptions{Running: true})
+	if err := h.lv.Conn().DomainSuspend(dom); err != nil {
 		t.Fatal(err)
 	}
 	res := h.ok(t, dom, vm.Stop, `{"timeout":"10m"}`, true, "shutoff")
@@ -210,7 +223,7 @@ func TestStopPausedIsForcedAtOnce(t *testing.T) {
 func TestStopTransientDomain(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t)
-	dom := testbed.Domain(t, h.l, "transient", testbed.DomainOptions{Transient: true})
+	dom := h.lv.Domain("transient", testbed.DomainOptions{Transient: true})
 	h.ok(t, dom, vm.Stop, `{"mode":"force"}`, true, "shutoff")
 	h.fails(t, dom.Name, vm.Status, ``, "not_found")
 }
@@ -218,8 +231,8 @@ func TestStopTransientDomain(t *testing.T) {
 func TestRebootHard(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t)
-	dom := testbed.Domain(t, h.l, "reboothard", testbed.DomainOptions{Running: true})
-	count := resets(t, h.l, dom)
+	dom := h.lv.Domain("reboothard", testbed.DomainOptions{Running: true})
+	count := resets(t, h.lv.Conn(), dom)
 	res := h.ok(t, dom, vm.Reboot, `{"mode":"hard"}`, true, "running")
 	if res.Detail["method"] != "reset" {
 		t.Fatalf("detail %v, want method=reset", res.Detail)
@@ -227,7 +240,7 @@ func TestRebootHard(t *testing.T) {
 	if n := count(); n == 0 {
 		t.Fatalf("no guest reset seen: the reset did not run")
 	}
-	wantState(t, h.l, dom, libvirt.DomainRunning)
+	wantState(t, h.lv, dom, libvirt.DomainRunning)
 }
 
 // The test guest ignores ACPI: a soft reboot must fall back to a reset that
@@ -235,8 +248,8 @@ func TestRebootHard(t *testing.T) {
 func TestRebootSoftFallsBackToReset(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t)
-	dom := testbed.Domain(t, h.l, "rebootfallback", testbed.DomainOptions{Running: true})
-	count := resets(t, h.l, dom)
+	dom := h.lv.Domain("rebootfallback", testbed.DomainOptions{Running: true})
+	count := resets(t, h.lv.Conn(), dom)
 	res := h.ok(t, dom, vm.Reboot, `{"timeout":"1500ms"}`, true, "running")
 	if res.Detail["method"] != "reset" || res.Detail["fallback"] != true {
 		t.Fatalf("detail %v, want method=reset fallback=true", res.Detail)
@@ -244,18 +257,18 @@ func TestRebootSoftFallsBackToReset(t *testing.T) {
 	if n := count(); n == 0 {
 		t.Fatalf("no guest reset seen: the reset did not run")
 	}
-	wantState(t, h.l, dom, libvirt.DomainRunning)
+	wantState(t, h.lv, dom, libvirt.DomainRunning)
 }
 
 // A guest that goes down during a soft reboot is started again.
 func TestRebootSoftShutdownAndStart(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t)
-	dom := testbed.Domain(t, h.l, "rebootsoft", testbed.DomainOptions{Running: true})
-	count := resets(t, h.l, dom)
+	dom := h.lv.Domain("rebootsoft", testbed.DomainOptions{Running: true})
+	count := resets(t, h.lv.Conn(), dom)
 	go func() {
 		time.Sleep(time.Second)
-		_ = h.l.DomainDestroy(dom)
+		_ = h.lv.Conn().DomainDestroy(dom)
 	}()
 	res := h.ok(t, dom, vm.Reboot, `{"timeout":"60s"}`, true, "running")
 	if res.Detail["method"] != "shutdown" || res.Detail["fallback"] != nil {
@@ -264,24 +277,24 @@ func TestRebootSoftShutdownAndStart(t *testing.T) {
 	if n := count(); n != 0 {
 		t.Fatalf("%d guest resets seen, want none: the guest went down by itself", n)
 	}
-	wantState(t, h.l, dom, libvirt.DomainRunning)
+	wantState(t, h.lv, dom, libvirt.DomainRunning)
 }
 
 func TestRebootConflicts(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t)
-	off := testbed.Domain(t, h.l, "rebootoff", testbed.DomainOptions{})
+	off := h.lv.Domain("rebootoff", testbed.DomainOptions{})
 	h.fails(t, off.Name, vm.Reboot, ``, "conflict")
-	wantState(t, h.l, off, libvirt.DomainShutoff)
-	transient := testbed.Domain(t, h.l, "reboottransient", testbed.DomainOptions{Transient: true})
+	wantState(t, h.lv, off, libvirt.DomainShutoff)
+	transient := h.lv.Domain("reboottransient", testbed.DomainOptions{Transient: true})
 	h.fails(t, transient.Name, vm.Reboot, `{"mode":"soft"}`, "conflict")
-	wantState(t, h.l, transient, libvirt.DomainRunning)
+	wantState(t, h.lv, transient, libvirt.DomainRunning)
 }
 
 func TestStatus(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t)
-	dom := testbed.Domain(t, h.l, "status", testbed.DomainOptions{})
+	dom := h.lv.Domain("status", testbed.DomainOptions{})
 	res := h.ok(t, dom, vm.Status, ``, false, "shutoff")
 	if res.Detail["uuid"] != uuidOf(dom) {
 		t.Fatalf("status uuid %v, want %s", res.Detail["uuid"], uuidOf(dom))
@@ -294,7 +307,7 @@ func TestStatus(t *testing.T) {
 func TestAttachDetachSCSI(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t)
-	dom := testbed.Domain(t, h.l, "scsi", testbed.DomainOptions{Running: true})
+	dom := h.lv.Domain("scsi", testbed.DomainOptions{Running: true})
 	img := testbed.DiskImage(t, 8)
 	params := `{"path":"` + img + `","bus":"scsi"}`
 	res := h.ok(t, dom, vm.AttachDisk, params, true, "running")
@@ -302,7 +315,7 @@ func TestAttachDetachSCSI(t *testing.T) {
 		t.Fatalf("detail %v, want target sda", res.Detail)
 	}
 	for _, inactive := range []bool{false, true} {
-		if got := testbed.Disks(t, h.l, dom, inactive)["sda"]; got != img {
+		if got := h.lv.Disks(dom, inactive)["sda"]; got != img {
 			t.Fatalf("sda (inactive=%v) is %q, want %s", inactive, got, img)
 		}
 	}
@@ -313,7 +326,7 @@ func TestAttachDetachSCSI(t *testing.T) {
 
 	h.ok(t, dom, vm.DetachDisk, `{"target":"sda","timeout":"20s"}`, true, "running")
 	for _, inactive := range []bool{false, true} {
-		if src, still := testbed.Disks(t, h.l, dom, inactive)["sda"]; still {
+		if src, still := h.lv.Disks(dom, inactive)["sda"]; still {
 			t.Fatalf("sda (inactive=%v) still attached to %s after detach", inactive, src)
 		}
 	}
@@ -327,18 +340,18 @@ func TestAttachDetachSCSI(t *testing.T) {
 func TestDetachVirtioGuestIgnoresUnplug(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t)
-	dom := testbed.Domain(t, h.l, "virtio", testbed.DomainOptions{Running: true})
+	dom := h.lv.Domain("virtio", testbed.DomainOptions{Running: true})
 	img := testbed.DiskImage(t, 8)
 	res := h.ok(t, dom, vm.AttachDisk, `{"path":"`+img+`","persistent":false}`, true, "running")
 	target, _ := res.Detail["target"].(string)
 	if target != "vda" {
 		t.Fatalf("detail %v, want target vda", res.Detail)
 	}
-	if _, inConfig := testbed.Disks(t, h.l, dom, true)[target]; inConfig {
+	if _, inConfig := h.lv.Disks(dom, true)[target]; inConfig {
 		t.Fatalf("persistent=false attach reached the config")
 	}
 	h.fails(t, dom.Name, vm.DetachDisk, `{"path":"`+img+`","timeout":"3s","persistent":false}`, "timeout")
-	if got := testbed.Disks(t, h.l, dom, false)[target]; got != img {
+	if got := h.lv.Disks(dom, false)[target]; got != img {
 		t.Fatalf("after the timed-out detach, live %s is %q, want still %s", target, got, img)
 	}
 }
@@ -346,24 +359,24 @@ func TestDetachVirtioGuestIgnoresUnplug(t *testing.T) {
 func TestAttachToShutoffDomainGoesToConfig(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t)
-	dom := testbed.Domain(t, h.l, "attachoff", testbed.DomainOptions{})
+	dom := h.lv.Domain("attachoff", testbed.DomainOptions{})
 	img := testbed.DiskImage(t, 8)
 	res := h.ok(t, dom, vm.AttachDisk, `{"path":"`+img+`","target":"vdc","readonly":true}`, true, "shutoff")
 	if res.Detail["target"] != "vdc" {
 		t.Fatalf("detail %v, want target vdc", res.Detail)
 	}
-	if got := testbed.Disks(t, h.l, dom, true)["vdc"]; got != img {
+	if got := h.lv.Disks(dom, true)["vdc"]; got != img {
 		t.Fatalf("config vdc is %q, want %s", got, img)
 	}
 	h.fails(t, dom.Name, vm.AttachDisk, `{"path":"`+img+`","persistent":false}`, "conflict")
 	// The disk is in the config, so the domain boots with it.
 	h.ok(t, dom, vm.Start, ``, true, "running")
-	if got := testbed.Disks(t, h.l, dom, false)["vdc"]; got != img {
+	if got := h.lv.Disks(dom, false)["vdc"]; got != img {
 		t.Fatalf("live vdc after start is %q, want %s", got, img)
 	}
 	h.ok(t, dom, vm.Stop, `{"mode":"force"}`, true, "shutoff")
 	h.ok(t, dom, vm.DetachDisk, `{"target":"vdc"}`, true, "shutoff")
-	if _, still := testbed.Disks(t, h.l, dom, true)["vdc"]; still {
+	if _, still := h.lv.Disks(dom, true)["vdc"]; still {
 		t.Fatalf("vdc still in the config after detach")
 	}
 }
@@ -371,7 +384,7 @@ func TestAttachToShutoffDomainGoesToConfig(t *testing.T) {
 func TestAttachTargetTaken(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t)
-	dom := testbed.Domain(t, h.l, "taken", testbed.DomainOptions{})
+	dom := h.lv.Domain("taken", testbed.DomainOptions{})
 	a, b := testbed.DiskImage(t, 1), testbed.DiskImage(t, 1)
 	h.ok(t, dom, vm.AttachDisk, `{"path":"`+a+`","target":"vdb"}`, true, "shutoff")
 	h.fails(t, dom.Name, vm.AttachDisk, `{"path":"`+b+`","target":"vdb"}`, "conflict")
@@ -401,7 +414,7 @@ func TestNotFound(t *testing.T) {
 	} {
 		h.fails(t, c.vm, c.action, c.params, "not_found")
 	}
-	dom := testbed.Domain(t, h.l, "noimage", testbed.DomainOptions{})
+	dom := h.lv.Domain("noimage", testbed.DomainOptions{})
 	h.fails(t, dom.Name, vm.AttachDisk, `{"path":"`+filepath.Join(filepath.Dir(img), "nope.img")+`"}`, "not_found")
 }
 
@@ -409,7 +422,7 @@ func TestNotFound(t *testing.T) {
 func TestAttachForbiddenPaths(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t)
-	dom := testbed.Domain(t, h.l, "forbidden", testbed.DomainOptions{Running: true})
+	dom := h.lv.Domain("forbidden", testbed.DomainOptions{Running: true})
 	dir := testbed.Dir(t)
 	mustSymlink(t, "/etc/passwd", filepath.Join(dir, "escape.img"))
 	mustSymlink(t, "/dev/null", filepath.Join(dir, "devlink.img"))
@@ -427,7 +440,7 @@ func TestAttachForbiddenPaths(t *testing.T) {
 	} {
 		h.fails(t, dom.Name, vm.AttachDisk, `{"path":"`+p+`"}`, "forbidden")
 	}
-	if disks := testbed.Disks(t, h.l, dom, false); len(disks) != 0 {
+	if disks := h.lv.Disks(dom, false); len(disks) != 0 {
 		t.Fatalf("disks %v reached the domain", disks)
 	}
 }
@@ -435,7 +448,7 @@ func TestAttachForbiddenPaths(t *testing.T) {
 func TestBadParameters(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t)
-	dom := testbed.Domain(t, h.l, "badparams", testbed.DomainOptions{Running: true})
+	dom := h.lv.Domain("badparams", testbed.DomainOptions{Running: true})
 	for _, c := range []struct {
 		action vm.Action
 		params string
@@ -454,7 +467,7 @@ func TestBadParameters(t *testing.T) {
 	} {
 		h.fails(t, dom.Name, c.action, c.params, "invalid")
 	}
-	wantState(t, h.l, dom, libvirt.DomainRunning)
+	wantState(t, h.lv, dom, libvirt.DomainRunning)
 }
 
 // libvirtd goes away in the middle of a series of calls and comes back:
@@ -462,7 +475,7 @@ func TestBadParameters(t *testing.T) {
 func TestLibvirtdRestart(t *testing.T) {
 	h := newHarness(t)
 	testbed.OwnLibvirtd(t)
-	dom := testbed.Domain(t, h.l, "restart", testbed.DomainOptions{})
+	dom := h.lv.Domain("restart", testbed.DomainOptions{})
 	h.ok(t, dom, vm.Start, ``, true, "running")
 
 	testbed.StopLibvirtd(t)
@@ -485,9 +498,8 @@ func TestLibvirtdRestart(t *testing.T) {
 	}
 	h.ok(t, dom, vm.Start, ``, true, "running")
 	h.ok(t, dom, vm.Status, ``, false, "running")
-	// The test's own connection died with the daemon; check with a new one.
-	l := testbed.Require(t)
-	wantState(t, l, dom, libvirt.DomainRunning)
+	// The test's own connection died with the daemon; Live dials anew.
+	wantState(t, h.lv, dom, libvirt.DomainRunning)
 }
 
 func mustSymlink(t *testing.T, target, link string) {
@@ -508,7 +520,7 @@ func uuidOf(d libvirt.Domain) string {
 func TestAttachParametersReachTheConfig(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t)
-	dom := testbed.Domain(t, h.l, "attachparams", testbed.DomainOptions{})
+	dom := h.lv.Domain("attachparams", testbed.DomainOptions{})
 	for _, c := range []struct {
 		params, target, bus, format string
 		readonly                    bool
@@ -522,7 +534,7 @@ func TestAttachParametersReachTheConfig(t *testing.T) {
 		if res.Detail["target"] != c.target {
 			t.Fatalf("%s: detail %v, want target %s", c.params, res.Detail, c.target)
 		}
-		d, ok := configDisk(t, h.l, dom, c.target)
+		d, ok := configDisk(t, h.lv.Conn(), dom, c.target)
 		if !ok {
 			t.Fatalf("%s: %s not in the config", c.params, c.target)
 		}
@@ -557,15 +569,15 @@ func TestAttachPerVMRoots(t *testing.T) {
 	t.Parallel()
 	dir := testbed.Dir(t)
 	h := newHarnessRoots(t, filepath.Join(dir, "{vm}"))
-	a := testbed.Domain(t, h.l, "pervm-a", testbed.DomainOptions{Running: true})
-	b := testbed.Domain(t, h.l, "pervm-b", testbed.DomainOptions{})
+	a := h.lv.Domain("pervm-a", testbed.DomainOptions{Running: true})
+	b := h.lv.Domain("pervm-b", testbed.DomainOptions{})
 	own, other := imageIn(t, filepath.Join(dir, a.Name)), imageIn(t, filepath.Join(dir, b.Name))
 
 	res, err := h.do(t, uuidOf(a), vm.AttachDisk, `{"path":"`+own+`","bus":"scsi"}`)
 	if err != nil || !res.Changed || res.State != "running" || res.Detail["target"] != "sda" {
 		t.Fatalf("attach from its own dir by UUID: %+v, %v", res, err)
 	}
-	if got := testbed.Disks(t, h.l, a, false)["sda"]; got != own {
+	if got := h.lv.Disks(a, false)["sda"]; got != own {
 		t.Fatalf("live sda of %s is %q, want %s", a.Name, got, own)
 	}
 	for _, p := range []string{
@@ -576,12 +588,12 @@ func TestAttachPerVMRoots(t *testing.T) {
 		h.fails(t, a.Name, vm.AttachDisk, `{"path":"`+p+`"}`, "forbidden")
 		h.fails(t, uuidOf(a), vm.AttachDisk, `{"path":"`+p+`"}`, "forbidden")
 	}
-	if disks := testbed.Disks(t, h.l, a, false); len(disks) != 1 {
+	if disks := h.lv.Disks(a, false); len(disks) != 1 {
 		t.Fatalf("%s has disks %v, want only sda", a.Name, disks)
 	}
 	// The other domain's image is fine for the other domain.
 	h.ok(t, b, vm.AttachDisk, `{"path":"`+other+`"}`, true, "shutoff")
-	if got := testbed.Disks(t, h.l, b, true)["vda"]; got != other {
+	if got := h.lv.Disks(b, true)["vda"]; got != other {
 		t.Fatalf("config vda of %s is %q, want %s", b.Name, got, other)
 	}
 }
@@ -592,8 +604,8 @@ func TestAttachPerVMRoots(t *testing.T) {
 func TestAttachSharedDisk(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t)
-	running := testbed.Domain(t, h.l, "share-run", testbed.DomainOptions{Running: true})
-	off := testbed.Domain(t, h.l, "share-off", testbed.DomainOptions{})
+	running := h.lv.Domain("share-run", testbed.DomainOptions{Running: true})
+	off := h.lv.Domain("share-off", testbed.DomainOptions{})
 	live := libvirt.DomainDeviceModifyLive
 	config := libvirt.DomainDeviceModifyConfig
 	for i, c := range []struct {
@@ -621,7 +633,7 @@ func TestAttachSharedDisk(t *testing.T) {
 			held = filepath.Join(testbed.Dir(t), "alias.img")
 			mustSymlink(t, img, held)
 		}
-		attachDirect(t, h.l, c.holder, held, "vd"+string(rune('b'+i)), c.holderReadOnly, c.holderFlags)
+		attachDirect(t, h.lv.Conn(), c.holder, held, "vd"+string(rune('b'+i)), c.holderReadOnly, c.holderFlags)
 		params := fmt.Sprintf(`{"path":%q,"readonly":%v}`, img, c.attacherReadOnly)
 		shutoff := c.attacher.Name == off.Name
 		if c.want != "" {
@@ -629,7 +641,7 @@ func TestAttachSharedDisk(t *testing.T) {
 		} else if _, err := h.do(t, c.attacher.Name, vm.AttachDisk, params); err != nil {
 			t.Fatalf("%s: attach to %s: %v", c.name, c.attacher.Name, err)
 		}
-		attached := slices.Contains(slices.Collect(maps.Values(testbed.Disks(t, h.l, c.attacher, shutoff))), img)
+		attached := slices.Contains(slices.Collect(maps.Values(h.lv.Disks(c.attacher, shutoff))), img)
 		if attached != (c.want == "") {
 			t.Fatalf("%s: %s has the image: %v, want %v", c.name, c.attacher.Name, attached, c.want == "")
 		}

@@ -10,12 +10,26 @@ import (
 )
 
 // start creates (boots) the domain. Already running is ok and unchanged; a
-// paused domain is resumed, since "start" means "make it run".
+// paused domain is resumed, since "start" means "make it run". A reboot
+// intent the domain carries is void once it runs, and is removed.
 func (e *Executor) start(ctx context.Context, vm string) (Result, error) {
 	dom, st, err := e.find(ctx, vm)
 	if err != nil {
 		return Result{}, err
 	}
+	res, err := e.startDomain(ctx, vm, dom, st)
+	if err != nil {
+		return Result{}, err
+	}
+	if err := e.clearIntent(ctx, dom); err != nil {
+		return Result{}, err
+	}
+	return res, nil
+}
+
+// startDomain makes dom, found in state st, run.
+func (e *Executor) startDomain(ctx context.Context, vm string, dom libvirt.Domain, st libvirt.DomainState) (Result, error) {
+	var err error
 	detail := map[string]any{}
 	switch st {
 	case libvirt.DomainRunning, libvirt.DomainBlocked:
@@ -47,12 +61,26 @@ func (e *Executor) start(ctx context.Context, vm string) (Result, error) {
 
 // stop shuts the domain off: gracefully with ACPI, asked again every
 // ShutdownRetry (a guest still booting loses the first request), and
-// destroyed once the timeout has passed; or at once with mode=force.
+// destroyed once the timeout has passed; or at once with mode=force. A
+// reboot intent the domain carries is removed: an operator's stop must not
+// be undone by a reboot delivered again later.
 func (e *Executor) stop(ctx context.Context, vm string, p StopParams) (Result, error) {
 	dom, st, err := e.find(ctx, vm)
 	if err != nil {
 		return Result{}, err
 	}
+	res, err := e.stopDomain(ctx, dom, st, p)
+	if err != nil {
+		return Result{}, err
+	}
+	if err := e.clearIntent(ctx, dom); err != nil {
+		return Result{}, err
+	}
+	return res, nil
+}
+
+// stopDomain shuts dom, found in state st, off.
+func (e *Executor) stopDomain(ctx context.Context, dom libvirt.Domain, st libvirt.DomainState, p StopParams) (Result, error) {
 	if st == libvirt.DomainShutoff {
 		return Result{State: "shutoff"}, nil
 	}
@@ -137,45 +165,110 @@ func (e *Executor) destroy(ctx context.Context, dom libvirt.Domain) error {
 
 // reboot restarts a running domain. soft: graceful shutdown, wait, start
 // again; when the guest does not go down in time it is hard-reset, and the
-// detail says so. hard: reset at once.
+// detail says so. hard: reset at once. A soft reboot records its intent in
+// the domain before the shutdown (see intent.go), so that a reboot cut off
+// between shutdown and start is finished by the next one.
 func (e *Executor) reboot(ctx context.Context, vm string, p RebootParams) (Result, error) {
 	dom, st, err := e.find(ctx, vm)
 	if err != nil {
 		return Result{}, err
 	}
-	if st != libvirt.DomainRunning && st != libvirt.DomainBlocked {
-		return Result{}, fmt.Errorf("%w: domain %s is %s; reboot needs a running domain (use start)", ErrConflict, vm, StateName(st))
+	res, err := e.rebootDomain(ctx, dom, st, p)
+	if errors.Is(err, ErrUnavailable) {
+		// Not over: the worker tries again, and that try needs the intent.
+		return Result{}, err
 	}
+	// Over, ok or not. The command's context may have ended with it; the
+	// clean-up is bounded by the call timeout all the same.
+	if cerr := e.clearIntent(context.WithoutCancel(ctx), dom); cerr != nil {
+		// Not worth failing a reboot that happened: a retry would reboot
+		// again. The stale intent only matters to a later reboot of a shut
+		// off domain, and the next start or stop removes it.
+		e.log.Warn("reboot over, but its intent is left in the domain", "vm", dom.Name, "err", cerr)
+	}
+	return res, err
+}
+
+// rebootDomain reboots dom, found in state st. A domain that is not running
+// qualifies only with the intent of a reboot cut off after its shutdown:
+// this reboot finishes that one ("continued" in the detail).
+func (e *Executor) rebootDomain(ctx context.Context, dom libvirt.Domain, st libvirt.DomainState, p RebootParams) (Result, error) {
 	detail := map[string]any{}
-	if p.Mode == "soft" {
-		var persistent int32
-		err := e.conn.call(ctx, "is persistent "+vm, func(l *libvirt.Libvirt) (err error) {
-			persistent, err = l.DomainIsPersistent(dom)
-			return err
-		})
+	switch st {
+	case libvirt.DomainRunning, libvirt.DomainBlocked:
+	case libvirt.DomainShutoff, libvirt.DomainShutdown:
+		intent, err := e.readIntent(ctx, dom)
 		if err != nil {
 			return Result{}, err
 		}
-		if persistent == 0 {
-			return Result{}, fmt.Errorf("%w: domain %s is transient: a soft reboot shuts it down, which would remove it; use mode=hard", ErrConflict, vm)
+		if intent == nil {
+			return Result{}, notRunning(dom, st)
 		}
-		down, err := e.shutdown(ctx, dom, time.Duration(p.Timeout))
-		if err != nil {
-			return Result{}, err
-		}
-		if down {
+		e.log.Info("finishing a reboot cut off after its shutdown", "vm", dom.Name, "since", intent.Since, "state", StateName(st))
+		detail["continued"] = true
+		if st == libvirt.DomainShutoff {
 			detail["method"] = "shutdown"
-			err = e.conn.call(ctx, "start "+vm, func(l *libvirt.Libvirt) error { return l.DomainCreate(dom) })
-			if err != nil && !errors.Is(err, ErrConflict) {
-				return Result{}, err
-			}
-			return e.verifyRunning(ctx, dom, detail)
+			return e.startAgain(ctx, dom, detail)
 		}
-		detail["fallback"] = true
-		e.log.Info("guest did not shut down in time; resetting", "vm", vm, "timeout", time.Duration(p.Timeout))
+		// Still on its way down: the soft path below waits for it.
+	default:
+		return Result{}, notRunning(dom, st)
+	}
+	if p.Mode == "soft" {
+		res, down, err := e.softReboot(ctx, dom, time.Duration(p.Timeout), detail)
+		if err != nil || down {
+			return res, err
+		}
 	}
 	detail["method"] = "reset"
-	if err := e.conn.call(ctx, "reset "+vm, func(l *libvirt.Libvirt) error { return l.DomainReset(dom, 0) }); err != nil {
+	if err := e.conn.call(ctx, "reset "+dom.Name, func(l *libvirt.Libvirt) error { return l.DomainReset(dom, 0) }); err != nil {
+		return Result{}, err
+	}
+	return e.verifyRunning(ctx, dom, detail)
+}
+
+func notRunning(dom libvirt.Domain, st libvirt.DomainState) error {
+	return fmt.Errorf("%w: domain %s is %s; reboot needs a running domain (use start)", ErrConflict, dom.Name, StateName(st))
+}
+
+// softReboot records the intent, shuts the guest down and starts it again.
+// down is false when the guest did not go down within timeout: the caller
+// resets it then.
+func (e *Executor) softReboot(ctx context.Context, dom libvirt.Domain, timeout time.Duration, detail map[string]any) (res Result, down bool, err error) {
+	flags, err := e.intentFlags(ctx, dom)
+	if err != nil {
+		return Result{}, false, err
+	}
+	if flags&libvirt.DomainAffectConfig == 0 {
+		return Result{}, false, fmt.Errorf("%w: domain %s is transient: a soft reboot shuts it down, which would remove it; use mode=hard", ErrConflict, dom.Name)
+	}
+	if err := e.setIntent(ctx, dom, time.Now(), flags); err != nil {
+		return Result{}, false, err
+	}
+	if down, err = e.shutdown(ctx, dom, timeout); err != nil {
+		return Result{}, false, err
+	}
+	if !down {
+		detail["fallback"] = true
+		e.log.Info("guest did not shut down in time; resetting", "vm", dom.Name, "timeout", timeout)
+		return Result{}, false, nil
+	}
+	if e.afterShutdown != nil {
+		if err := e.afterShutdown(); err != nil {
+			return Result{}, true, err
+		}
+	}
+	detail["method"] = "shutdown"
+	res, err = e.startAgain(ctx, dom, detail)
+	return res, true, err
+}
+
+// startAgain starts dom after a reboot's shutdown and verifies it runs.
+func (e *Executor) startAgain(ctx context.Context, dom libvirt.Domain, detail map[string]any) (Result, error) {
+	err := e.conn.call(ctx, "start "+dom.Name, func(l *libvirt.Libvirt) error { return l.DomainCreate(dom) })
+	// conflict: a call repeated after a lost connection found its first try
+	// done; verifyRunning says what counts.
+	if err != nil && !errors.Is(err, ErrConflict) {
 		return Result{}, err
 	}
 	return e.verifyRunning(ctx, dom, detail)

@@ -1,0 +1,17 @@
+package vm
+
+import "fmt"
+
+// IntentURI is the namespace of the reboot intent in a domain's metadata,
+// for tests that look at it through libvirt.
+const IntentURI = intentURI
+
+// CutRebootsAfterShutdown makes e's soft reboots end once their shutdown is
+// done, before the start, as a worker that crashed there (or lost libvirtd)
+// would leave them. The error is unavailable: the command is not over, and
+// the worker delivers it again.
+func CutRebootsAfterShutdown(e *Executor) {
+	e.afterShutdown = func() error {
+		return fmt.Errorf("%w: reboot cut off after its shutdown (test)", ErrUnavailable)
+	}
+}
