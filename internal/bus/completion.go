@@ -35,12 +35,6 @@ func (w *Worker) execute(ctx context.Context, cmd Command) (out Outcome, started
 	return out, started, finished
 }
 
-// retryable says whether an outcome should be tried again on a later
-// delivery rather than end the command now.
-func (w *Worker) retryable(cmd Command, out Outcome) bool {
-	return out.Err != nil && out.Err.Code == CodeUnavailable && cmd.Attempt < w.cfg.MaxDeliver
-}
-
 // backoff is the delay before the delivery after attempt: exponential,
 // capped.
 func (w *Worker) backoff(attempt int) time.Duration {

@@ -262,7 +262,7 @@ func (w *Worker) outcome(ctx context.Context, j *job) (Completion, bool) {
 	case !cmd.Expires.IsZero() && time.Now().After(cmd.Expires):
 		return w.failure(cmd, &Error{Code: CodeExpired, Message: fmt.Sprintf(
 			"deadline %s passed before the command ran; it did not run", cmd.Expires.UTC().Format(time.RFC3339))}), true
-	case cmd.Attempt > w.cfg.MaxDeliver:
+	case cmd.Attempt > w.cfg.DeliveryLimit:
 		return w.failure(cmd, &Error{Code: CodeUnavailable,
 			Message: fmt.Sprintf("not completed after %d deliveries", cmd.Attempt-1)}), true
 	}
@@ -275,13 +275,13 @@ func (w *Worker) outcome(ctx context.Context, j *job) (Completion, bool) {
 // overtake it. It reports false when shutdown came during a back-off; the
 // completion is then the last attempt's.
 func (w *Worker) runWithRetries(ctx context.Context, cmd Command) (Completion, bool) {
-	for {
+	for tries := 1; ; tries++ {
 		out, started, finished := w.execute(ctx, cmd)
 		c := w.completion(cmd, out, started, finished)
-		if !w.retryable(cmd, out) {
+		if out.Err == nil || out.Err.Code != CodeUnavailable || tries >= w.cfg.MaxDeliver {
 			return c, true
 		}
-		delay := w.backoff(cmd.Attempt)
+		delay := w.backoff(tries)
 		w.log.Info("command unavailable; will retry", "id", cmd.ID, "vm", cmd.VM, "action", cmd.Action,
 			"attempt", cmd.Attempt, "retry_in", delay, "error", out.Err.Message)
 		if sleep(ctx, delay); ctx.Err() != nil {

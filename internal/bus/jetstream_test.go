@@ -451,7 +451,7 @@ func TestUnavailableRetriedThenFinal(t *testing.T) {
 	}
 }
 
-func TestDeliveriesBeyondMaxDeliverAnsweredWithoutRunning(t *testing.T) {
+func TestDeliveriesBeyondTheLimitAnsweredWithoutRunning(t *testing.T) {
 	t.Parallel()
 	s := startServer(t, t.TempDir(), -1)
 	nc := connect(t, s.ClientURL())
@@ -459,7 +459,7 @@ func TestDeliveriesBeyondMaxDeliverAnsweredWithoutRunning(t *testing.T) {
 	// The naks below leave no clean-shutdown mark, so the second worker
 	// waits one ack wait for commands it must take to be deliverable: keep
 	// it short.
-	cfg := Config{MaxDeliver: 2, AckWait: 2 * time.Second}
+	cfg := Config{DeliveryLimit: 2, AckWait: 2 * time.Second}
 	c := newCalls()
 
 	// A first worker sets up the stream and consumer, then stops.
@@ -475,7 +475,7 @@ func TestDeliveriesBeyondMaxDeliverAnsweredWithoutRunning(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for range cfg.MaxDeliver {
+	for range cfg.DeliveryLimit {
 		msgs, err := cons.Fetch(1, jetstream.FetchMaxWait(5*time.Second))
 		if err != nil {
 			t.Fatal(err)
@@ -496,8 +496,8 @@ func TestDeliveriesBeyondMaxDeliverAnsweredWithoutRunning(t *testing.T) {
 	startWorker(t, connect(t, s.ClientURL()), cfg, okHandler(c))
 	got := events.wait(t, "spent")
 	waitStreamEmpty(t, js)
-	if got.Status != StatusError || got.Error == nil || got.Error.Code != CodeUnavailable || got.Attempt != cfg.MaxDeliver+1 {
-		t.Errorf("completion %+v, want unavailable at attempt %d", got, cfg.MaxDeliver+1)
+	if got.Status != StatusError || got.Error == nil || got.Error.Code != CodeUnavailable || got.Attempt != cfg.DeliveryLimit+1 {
+		t.Errorf("completion %+v, want unavailable at attempt %d", got, cfg.DeliveryLimit+1)
 	}
 	if n := c.total(); n != 0 {
 		t.Errorf("handler ran %d times, want 0", n)

@@ -29,7 +29,7 @@ type Config struct {
 	Delivery    string        // DeliveryJetStream (default) or DeliveryCore
 	QueueSize   int           // FIFO capacity, queued plus running (default 64)
 	Concurrency int           // commands for different VMs run side by side (default 1)
-	MaxDeliver  int           // deliveries before an `unavailable` command ends in its final error completion (default 5)
+	MaxDeliver  int           // attempts before an `unavailable` command ends in its final error completion (default 5)
 	AckWait     time.Duration // redelivery timer of the consumer (default 30s)
 	DupWindow   time.Duration // stream duplicate window (default 2m)
 	RecordTTL   time.Duration // how long completions are kept by id (default 24h)
@@ -40,6 +40,11 @@ type Config struct {
 	// StreamReplicas is used only when the worker creates the stream and
 	// the buckets (default 1).
 	StreamReplicas int
+	// DeliveryLimit ends, unrun, a command delivered this often: one that
+	// kills the worker every time it runs (default 100). Hand-backs at
+	// shutdown count as deliveries too, hence a limit far above MaxDeliver,
+	// which counts the attempts of a command that keeps ending unavailable.
+	DeliveryLimit int
 	// Lease is how long the active worker of a host holds its lease
 	// without renewing it; a standby takes over within it (default 15s).
 	Lease time.Duration
@@ -102,6 +107,7 @@ func (c Config) withDefaults() (Config, error) {
 		{"concurrency", &c.Concurrency, 1},
 		{"max deliver", &c.MaxDeliver, 5},
 		{"stream replicas", &c.StreamReplicas, 1},
+		{"delivery limit", &c.DeliveryLimit, 100},
 	}
 	for _, f := range ints {
 		if *f.v < 0 {
