@@ -32,15 +32,22 @@ func (w *Worker) heartbeat(ctx context.Context) {
 }
 
 // heldSet is the messages this worker holds and has not answered yet,
-// also by stream sequence.
+// also by stream message.
 type heldSet struct {
 	mu    sync.Mutex
 	jobs  map[*job]struct{}
-	bySeq map[uint64]*job
+	bySeq map[streamMsg]*job
+}
+
+// streamMsg names one stored message: its sequence, and its stored time,
+// since a stream deleted and made again counts from 1 again.
+type streamMsg struct {
+	seq    uint64
+	stored int64
 }
 
 func newHeldSet() heldSet {
-	return heldSet{jobs: make(map[*job]struct{}), bySeq: make(map[uint64]*job)}
+	return heldSet{jobs: make(map[*job]struct{}), bySeq: make(map[streamMsg]*job)}
 }
 
 // add holds j, unless a job for the same stream message is held already:
@@ -52,11 +59,11 @@ func (h *heldSet) add(j *job) bool {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if j.seq != 0 {
-		if held, ok := h.bySeq[j.seq]; ok {
+		if held, ok := h.bySeq[j.stored]; ok {
 			held.setMsg(j.msg())
 			return false
 		}
-		h.bySeq[j.seq] = j
+		h.bySeq[j.stored] = j
 	}
 	h.jobs[j] = struct{}{}
 	return true
@@ -66,8 +73,8 @@ func (h *heldSet) remove(j *job) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	delete(h.jobs, j)
-	if h.bySeq[j.seq] == j {
-		delete(h.bySeq, j.seq)
+	if h.bySeq[j.stored] == j {
+		delete(h.bySeq, j.stored)
 	}
 }
 

@@ -158,6 +158,7 @@ func (w *Worker) accept(msg jetstream.Msg) {
 	if err == nil {
 		j.cmd.Attempt = int(md.NumDelivered)
 		j.seq = md.Sequence.Stream
+		j.stored = streamMsg{seq: j.seq, stored: md.Timestamp.UnixNano()}
 		j.cmd.Expires = earliest(j.cmd.Expires, md.Timestamp.Add(w.cfg.CommandMaxAge))
 	}
 	if j.cmd.ID == "" {
