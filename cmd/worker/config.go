@@ -40,7 +40,7 @@ type config struct {
 	LibvirtTimeout time.Duration `envconfig:"LIBVIRT_TIMEOUT" default:"30s" desc:"deadline of each libvirt call"`
 	QueueSize      int           `envconfig:"QUEUE_SIZE" default:"64" desc:"FIFO capacity (queued plus running)"`
 	Concurrency    int           `envconfig:"CONCURRENCY" default:"1" desc:"commands for different VMs run side by side"`
-	MaxDeliver     int           `envconfig:"MAX_DELIVER" default:"5" desc:"deliveries of an unavailable command before its final error"`
+	MaxDeliver     int           `envconfig:"MAX_DELIVER" default:"5" desc:"attempts of a command that keeps ending unavailable before its final error"`
 	DiskRoots      []string      `envconfig:"DISK_ROOTS" default:"/var/lib/libvirt/images" desc:"comma-separated directories disk images must resolve into; {vm} as a path element stands for the domain name (one directory per VM)"`
 	MetricsAddr    string        `envconfig:"METRICS_ADDR" default:":9480" desc:"listen address of /metrics, /healthz and /readyz (read-only); off: none"`
 	APIAddr        string        `envconfig:"API_ADDR" default:"127.0.0.1:9481" desc:"listen address of the command API; off: none; not loopback: needs VIRTBUS_API_TOKEN_FILE"`
