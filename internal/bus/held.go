@@ -69,6 +69,12 @@ func (h *heldSet) add(j *job) bool {
 	return true
 }
 
+func (h *heldSet) len() int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return len(h.jobs)
+}
+
 func (h *heldSet) remove(j *job) {
 	h.mu.Lock()
 	defer h.mu.Unlock()

@@ -5,8 +5,11 @@ import (
 	"encoding/json"
 	"fmt"
 	"math/rand/v2"
+	"slices"
 	"testing"
 	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
 )
 
 func TestNATSServerRestartMidBacklog(t *testing.T) {
@@ -127,5 +130,43 @@ func TestOutageLongerThanAckWaitGivesOneCompletion(t *testing.T) {
 	}
 	if n := c.total(); n != 1 {
 		t.Errorf("handler ran %d times, want 1", n)
+	}
+}
+
+// A command the server counts as delivered but no live worker holds (its
+// worker died, and then the server restarted, which forgets when it was
+// delivered) still runs before its VM's later commands: the worker waits
+// for it to come back instead of fetching past it.
+func TestPendingCommandKeepsItsPlaceAcrossAServerRestart(t *testing.T) {
+	dir := t.TempDir()
+	s := startServer(t, dir, -1)
+	port := serverPort(t, s)
+	url := s.ClientURL()
+	js := jsFor(t, connect(t, url))
+	cfg := Config{AckWait: 2 * time.Second}
+	c := newCalls()
+	first := startWorker(t, connect(t, url), cfg, okHandler(c))
+	if err := first.stop(t); err != nil {
+		t.Fatal(err)
+	}
+	publishCmd(t, js, "vm-a", "start", "a-1", "", "")
+	publishCmd(t, js, "vm-a", "stop", "a-2", "", "")
+	// A worker takes a-1 and dies with it.
+	cons, err := js.Consumer(t.Context(), StreamName, ConsumerName(testHost))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cons.Fetch(1, jetstream.FetchMaxWait(5*time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	s.Shutdown()
+	s.WaitForShutdown()
+	startServer(t, dir, port)
+
+	events := collect(t, connect(t, url), EventPrefix+".>")
+	startWorker(t, connect(t, url), cfg, okHandler(c))
+	events.wait(t, "a-2")
+	if got := c.idsFor("vm-a"); !slices.Equal(got, []string{"a-1", "a-2"}) {
+		t.Errorf("vm-a ran %v, want a-1 then a-2", got)
 	}
 }

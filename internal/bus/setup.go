@@ -48,9 +48,9 @@ func (w *Worker) keepSetUp(ctx context.Context, js jetstream.JetStream, kept fun
 					return
 				}
 				kept(l)
-				w.takeOver(ctx, cons)
-				takeover = false
 			}
+			w.takeOver(ctx, cons, takeover)
+			takeover = false
 			w.cons.Store(&cons)
 			w.ready.Store(true)
 			w.log.Info("consuming", "stream", StreamName, "consumer", ConsumerName(w.cfg.Host))
@@ -238,38 +238,46 @@ func (w *Worker) verify(ctx context.Context, cons jetstream.Consumer) error {
 	return nil
 }
 
-// takeOver runs before the first fetch of a Run, while this worker holds
-// nothing. Commands the consumer still counts as pending were then either
-// handed back by a worker that shut down cleanly (they come back at once)
-// or taken by one that died (SIGKILL, power loss): those come back only
-// once their ack wait has passed, and fetching before that would run later
-// commands of the same VM first. So after a death takeOver waits until
-// then; the server then redelivers the held commands ahead of the newer
-// ones, in order, with their delivery counts intact. Every time compared
-// is the server's: the worker's clock may be off.
-func (w *Worker) takeOver(ctx context.Context, cons jetstream.Consumer) {
+// takeOver runs before fetching resumes: at the start of a Run and after
+// every new set-up (a reconnect, a lost consumer). Commands the consumer
+// counts as pending but this worker does not hold were taken by a worker
+// that died (SIGKILL, power loss), or delivered into a pull that a server
+// restart cut off. They come back only once their ack wait has passed, and
+// fetching before that would run later commands of the same VM first. So
+// takeOver waits until then; the server then redelivers them ahead of the
+// newer ones, in order, with their delivery counts intact. At the start,
+// commands a worker handed back at a clean shutdown are already
+// redeliverable: no wait. Every time compared is the server's: the worker's
+// clock may be off.
+func (w *Worker) takeOver(ctx context.Context, cons jetstream.Consumer, start bool) {
 	info := cons.CachedInfo()
-	if info.NumAckPending == 0 || info.Delivered.Last == nil {
+	lost := info.NumAckPending - w.held.len()
+	if lost <= 0 {
 		return
 	}
 	recs := w.records.Load()
-	stopped, err := recs.stoppedAt(ctx)
-	if err != nil {
-		w.log.Warn("reading the last clean shutdown failed; assuming none", "err", err)
+	last := info.Delivered.Last // nil after a server restart: when is unknown
+	if start && last != nil {
+		stopped, err := recs.stoppedAt(ctx)
+		if err != nil {
+			w.log.Warn("reading the last clean shutdown failed; assuming none", "err", err)
+		}
+		if !stopped.Before(*last) {
+			return // handed back at shutdown: already redeliverable
+		}
 	}
-	if !stopped.Before(*info.Delivered.Last) {
-		return // handed back at shutdown: already redeliverable
+	wait := info.Config.AckWait
+	if last != nil {
+		if now, err := recs.serverNow(ctx); err == nil {
+			wait = last.Add(info.Config.AckWait).Sub(now)
+		} else {
+			w.log.Warn("reading the server's clock failed; waiting a whole ack wait", "err", err)
+		}
 	}
-	now, err := recs.serverNow(ctx)
-	if err != nil {
-		w.log.Warn("reading the server's clock failed; waiting a whole ack wait", "err", err)
-		now = *info.Delivered.Last
-	}
-	wait := info.Delivered.Last.Add(info.Config.AckWait).Sub(now)
 	if wait <= 0 {
 		return
 	}
-	w.log.Warn("an earlier worker died holding commands; waiting for them to come back so each VM keeps its order",
-		"pending", info.NumAckPending, "wait", wait.Round(time.Millisecond))
+	w.log.Warn("commands are pending that this worker does not hold; waiting for them to come back so each VM keeps its order",
+		"pending", lost, "wait", wait.Round(time.Millisecond))
 	sleep(ctx, wait)
 }
