@@ -48,6 +48,16 @@ demo: libvirt-up
 bench: libvirt-up
 	scripts/bench.sh
 
+# Chaos run (internal/chaos, build tag chaos): two real workers, QEMU and
+# test-driver domains, thousands of commands while workers are SIGKILLed,
+# NATS and libvirtd restart and libvirtd freezes; then checks and a table.
+# CHAOS=short for CI (a few minutes); SEED=n repeats a run's plan and faults.
+CHAOS ?= full
+SEED ?=
+.PHONY: chaos
+chaos: libvirt-up
+	VIRTBUS_CHAOS=$(CHAOS) VIRTBUS_CHAOS_SEED=$(SEED) $(GO) test -tags chaos -count=1 -v -timeout 60m ./internal/chaos -run TestChaos
+
 libvirt-up:
 	scripts/libvirt-up.sh
 
