@@ -46,10 +46,12 @@ type Conn struct {
 	ready chan struct{} // closed while cur is usable; replaced on loss
 }
 
-// session is one go-libvirt client and the socket under it.
+// session is one go-libvirt client, the socket under it, and the device
+// event subscriptions made on it, which end with it.
 type session struct {
-	l    *libvirt.Libvirt
-	sock *socketDialer
+	l        *libvirt.Libvirt
+	sock     *socketDialer
+	removals *removalHub
 }
 
 // socketDialer dials libvirtd for one client and keeps the socket, so that
@@ -131,7 +133,10 @@ func (c *Conn) Run(ctx context.Context) {
 // serve keeps s until it is lost (true) or ctx ends (false), asking the
 // daemon something every timeout meanwhile: a daemon that stopped answering
 // is noticed, and Up turns false, without a command having to run into it.
+// The event subscriptions on s end with it, and their waiters are told to
+// watch on the next connection.
 func (c *Conn) serve(ctx context.Context, s *session, wg *sync.WaitGroup) (lost bool) {
+	defer s.removals.end()
 	keepalive := time.NewTicker(c.timeout)
 	defer keepalive.Stop()
 	for {
@@ -160,7 +165,7 @@ func (c *Conn) serve(ctx context.Context, s *session, wg *sync.WaitGroup) (lost 
 // ends the handshake too.
 func (c *Conn) dial(ctx context.Context) (*session, error) {
 	sock := &socketDialer{dialer: dialers.NewLocal(dialers.WithSocket(c.socket), dialers.WithLocalTimeout(c.timeout))}
-	s := &session{l: libvirt.NewWithDialer(sock), sock: sock}
+	s := &session{l: libvirt.NewWithDialer(sock), sock: sock, removals: newRemovalHub()}
 	done := make(chan error, 1)
 	go func() { done <- s.l.ConnectToURI(c.uri) }()
 	timer := time.NewTimer(c.timeout)
@@ -270,12 +275,20 @@ func (c *Conn) client(ctx context.Context) (*session, error) {
 // answer is not: the daemon hangs, and ErrUnavailable lets the worker retry
 // the command with back-off.
 func (c *Conn) call(ctx context.Context, what string, fn func(l *libvirt.Libvirt) error) error {
+	return c.withSession(ctx, what, func(s *session) error { return c.run(s, what, fn) })
+}
+
+// withSession is call for work that needs the session itself, not only its
+// client (an event subscription belongs to one connection): fn runs its
+// libvirt calls through c.run, and a failure that came with the loss of s
+// is tried again on the next session.
+func (c *Conn) withSession(ctx context.Context, what string, fn func(s *session) error) error {
 	for {
 		s, err := c.client(ctx)
 		if err != nil {
 			return fmt.Errorf("%s: %w", what, err)
 		}
-		err = c.run(s, what, fn)
+		err = fn(s)
 		if err == nil {
 			return nil
 		}

@@ -225,9 +225,18 @@ func (e *Executor) detachConfig(ctx context.Context, dom libvirt.Domain, d libvi
 // ignored it three times will not change its mind.
 const unplugAsks = 3
 
-// unplug removes d from the live domain and waits until it is gone.
+// unplugging is one disk's way out of the live domain.
+type unplugging struct {
+	dom    libvirt.Domain
+	target string
+	doc    string // the disk's XML, as the request carries it
+	flags  uint32
+}
+
+// unplug removes d from the live domain and waits until it is gone. Only a
+// disk that libvirt still shows in the live XML at the deadline is a
+// timeout; a daemon that does not answer ends it unavailable.
 func (e *Executor) unplug(ctx context.Context, dom libvirt.Domain, d libvirtxml.DomainDisk, config bool, timeout time.Duration) error {
-	target := diskTarget(d)
 	alias := ""
 	if d.Alias != nil {
 		alias = d.Alias.Name
@@ -236,53 +245,78 @@ func (e *Executor) unplug(ctx context.Context, dom libvirt.Domain, d libvirtxml.
 	if err != nil {
 		return fmt.Errorf("%w: build disk XML: %v", ErrInvalid, err)
 	}
-	flags := deviceFlags(true, config)
+	u := unplugging{dom: dom, target: diskTarget(d), doc: doc, flags: deviceFlags(true, config)}
 	deadline := time.Now().Add(timeout)
-	reask := timeout / unplugAsks
-
-	for asks := 0; ; {
-		events, err := e.subscribeRemoval(ctx, dom)
-		if err != nil {
-			return err
+	// Watch before asking: the event may come before the request returns.
+	w, err := e.watchRemoval(ctx, dom, alias)
+	if err != nil {
+		return err
+	}
+	defer func() { w.close() }()
+	if done, err := e.askUnplug(ctx, u, true); done || err != nil {
+		return err
+	}
+	nextAsk := time.Now().Add(timeout / unplugAsks)
+	for asks := 1; ; {
+		until := deadline
+		if asks < unplugAsks && nextAsk.Before(deadline) {
+			until = nextAsk
 		}
-		if asks < unplugAsks {
-			asks++
-			err = e.conn.call(ctx, fmt.Sprintf("detach disk %s from %s", target, dom.Name), func(l *libvirt.Libvirt) error {
-				return l.DomainDetachDeviceFlags(dom, doc, flags)
-			})
-			// A repeated request while QEMU still waits on the guest is
-			// refused ("already in the process of unplug"); that is fine.
-			if err != nil && asks == 1 && !errors.Is(err, ErrUnavailable) {
-				events.close()
-				if gone, _ := e.diskGone(ctx, dom, target); gone {
-					return nil
-				}
+		switch w.wait(ctx, time.Until(until)) {
+		case removalFailed:
+			return fmt.Errorf("%w: detach disk %s from %s: the guest refused the unplug (device-removal-failed)", ErrConflict, u.target, dom.Name)
+		case ctxDone:
+			return fmt.Errorf("detach disk %s from %s: %w: %v", u.target, dom.Name, ErrUnavailable, context.Cause(ctx))
+		case watchLost:
+			// The connection went, and the event with it. Watch on the next
+			// one before looking at the XML, so that nothing falls between.
+			w.close()
+			next, err := e.watchRemoval(ctx, dom, alias)
+			if err != nil {
 				return err
 			}
+			w = next
 		}
-		wait := min(reask, time.Until(deadline))
-		if asks >= unplugAsks {
-			wait = time.Until(deadline)
-		}
-		outcome := events.wait(ctx, alias, wait)
-		events.close()
-		switch outcome {
-		case removalFailed:
-			return fmt.Errorf("%w: detach disk %s from %s: the guest refused the unplug (device-removal-failed)", ErrConflict, target, dom.Name)
-		case ctxDone:
-			return fmt.Errorf("detach disk %s from %s: %w: %v", target, dom.Name, ErrUnavailable, context.Cause(ctx))
-		}
-		gone, err := e.diskGone(ctx, dom, target)
-		if err != nil {
+		gone, err := e.diskGone(ctx, dom, u.target)
+		if err != nil || gone {
 			return err
 		}
-		if gone {
-			return nil
+		if !time.Now().Before(deadline) {
+			return fmt.Errorf("%w: detach disk %s from %s: still in the live domain after %s (the guest did not release it)", ErrTimeout, u.target, dom.Name, timeout)
 		}
-		if time.Until(deadline) <= 0 {
-			return fmt.Errorf("%w: detach disk %s from %s: still in the live domain after %s (the guest did not release it)", ErrTimeout, target, dom.Name, timeout)
+		if asks < unplugAsks && !time.Now().Before(nextAsk) {
+			asks++
+			if _, err := e.askUnplug(ctx, u, false); err != nil {
+				return err
+			}
+			nextAsk = time.Now().Add(timeout / unplugAsks)
 		}
 	}
+}
+
+// askUnplug sends the unplug request; done says the disk is gone already.
+// ErrUnavailable ends the unplug: libvirtd did not answer, and waiting on
+// would blame the guest for it. A repeated request while QEMU still waits
+// on the guest is refused ("already in the process of unplug"), which is
+// fine; a refused first one is the answer, unless the disk is gone anyway
+// (a request retried after a lost connection may have got through before).
+func (e *Executor) askUnplug(ctx context.Context, u unplugging, first bool) (done bool, err error) {
+	if e.beforeUnplugAsk != nil {
+		e.beforeUnplugAsk()
+	}
+	err = e.conn.call(ctx, fmt.Sprintf("detach disk %s from %s", u.target, u.dom.Name), func(l *libvirt.Libvirt) error {
+		return l.DomainDetachDeviceFlags(u.dom, u.doc, u.flags)
+	})
+	if err == nil || errors.Is(err, ErrUnavailable) {
+		return false, err
+	}
+	if !first {
+		return false, nil
+	}
+	if gone, gerr := e.diskGone(ctx, u.dom, u.target); gerr == nil && gone {
+		return true, nil
+	}
+	return false, err
 }
 
 func (e *Executor) diskGone(ctx context.Context, dom libvirt.Domain, target string) (bool, error) {

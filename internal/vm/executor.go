@@ -46,6 +46,10 @@ type Executor struct {
 	// done; an error ends the reboot there, before its start, as a worker
 	// that crashed at that point would leave it.
 	afterShutdown func() error
+	// beforeUnplugAsk, set by tests only, runs before every unplug request,
+	// once the unplug watches for the removal: where a test freezes libvirtd
+	// to make the request go unanswered.
+	beforeUnplugAsk func()
 }
 
 // NewExecutor returns an executor that talks through conn.

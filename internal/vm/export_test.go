@@ -15,3 +15,7 @@ func CutRebootsAfterShutdown(e *Executor) {
 		return fmt.Errorf("%w: reboot cut off after its shutdown (test)", ErrUnavailable)
 	}
 }
+
+// BeforeUnplugAsk makes e run fn before every unplug request it sends to
+// libvirtd, after the unplug registered for the removal events.
+func BeforeUnplugAsk(e *Executor, fn func()) { e.beforeUnplugAsk = fn }
