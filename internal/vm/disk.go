@@ -316,6 +316,11 @@ func (e *Executor) askUnplug(ctx context.Context, u unplugging, first bool) (don
 	if gone, gerr := e.diskGone(ctx, u.dom, u.target); gerr == nil && gone {
 		return true, nil
 	}
+	if errors.Is(err, errDeviceMissing) {
+		// Still in the live XML, yet libvirt no longer has it: an earlier
+		// request is being carried out. Wait for it like for our own.
+		return false, nil
+	}
 	return false, err
 }
 

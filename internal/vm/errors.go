@@ -22,6 +22,12 @@ var (
 	ErrUnavailable = errors.New("libvirt unavailable")
 )
 
+// errDeviceMissing is libvirt's "device not found". For a detach it means
+// the disk is already gone, or going: a first request whose answer got
+// lost (the call timed out, the connection dropped) may have done the
+// work. It is ErrLibvirt wherever it surfaces.
+var errDeviceMissing = fmt.Errorf("%w: device not found", ErrLibvirt)
+
 // codes maps each sentinel to its completion error code: the one place
 // Code, classify and Message take them from.
 var codes = []struct {
@@ -83,6 +89,8 @@ func classify(err error) error {
 		return fmt.Errorf("%w: %v", ErrForbidden, err)
 	case libvirt.ErrOperationTimeout:
 		return fmt.Errorf("%w: %v", ErrTimeout, err)
+	case libvirt.ErrDeviceMissing:
+		return fmt.Errorf("%w: %v", errDeviceMissing, err)
 	case libvirt.ErrNoConnect, libvirt.ErrRPC:
 		return fmt.Errorf("%w: %v", ErrUnavailable, err)
 	default:

@@ -154,12 +154,18 @@ func TestCodeAndMessage(t *testing.T) {
 		{classify(libvirt.Error{Code: uint32(libvirt.ErrXMLError), Message: "bad xml"}), "invalid"},
 		{classify(libvirt.Error{Code: uint32(libvirt.ErrOperationTimeout), Message: "slow"}), "timeout"},
 		{classify(libvirt.Error{Code: uint32(libvirt.ErrInternalError), Message: "boom"}), "libvirt"},
+		{classify(libvirt.Error{Code: uint32(libvirt.ErrDeviceMissing), Message: "no target device sda"}), "libvirt"},
 		{classify(syscall.ECONNRESET), "unavailable"},
 		{errors.New("plain"), "libvirt"},
 	} {
 		if got := Code(c.err); got != c.code {
 			t.Errorf("Code(%v) = %q, want %q", c.err, got, c.code)
 		}
+	}
+	// A detach tells "device not found" apart: an earlier request may have
+	// done the work.
+	if err := classify(libvirt.Error{Code: uint32(libvirt.ErrDeviceMissing), Message: "no target device sda"}); !errors.Is(err, errDeviceMissing) {
+		t.Errorf("device missing classified as %v", err)
 	}
 	err := classify(libvirt.Error{Code: uint32(libvirt.ErrOperationInvalid), Message: "domain is not running"})
 	if got := Message(err); got != "domain is not running" {
