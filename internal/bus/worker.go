@@ -231,7 +231,10 @@ func New(nc *nats.Conn, cfg Config, h Handler, log *slog.Logger, reg prometheus.
 // Run takes commands until ctx ends, then drains: it stops taking work,
 // lets running commands finish and hands back (JetStream: naks) those still
 // queued. It returns nil after a graceful drain; NATS outages, however long,
-// are waited out rather than returned. Run may be called once.
+// are waited out rather than returned. It ends early, after the same drain,
+// with ErrConnectionClosed when NATS closed the connection for good and with
+// ErrLeaseLost when another worker took this host over. Run may be called
+// once.
 func (w *Worker) Run(ctx context.Context) error {
 	if w.started.Swap(true) {
 		return errors.New("bus worker: Run called twice")
