@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"github.com/digitalocean/go-libvirt"
+	"libvirt.org/go/libvirtxml"
+
 	"github.com/virtbus/virtbus/internal/testbed"
 	"github.com/virtbus/virtbus/internal/vm"
 )
@@ -144,4 +146,43 @@ func detachFrozenAtRequest(t *testing.T, h harness, timeout time.Duration, detac
 	testbed.ThawLibvirtd(t)
 	got := <-done
 	return got.took, got.err
+}
+
+// An earlier request whose answer got lost may already have taken the
+// disk out of the config while the live one is still there. libvirt checks
+// the config first, so a LIVE|CONFIG request then fails there ("no target
+// device") and never reaches QEMU: the detach asks for the live disk alone
+// and ends ok, instead of waiting out its timeout.
+func TestDetachWhenTheConfigAlreadyLostTheDisk(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t)
+	dom := h.lv.Domain("cfglost", testbed.DomainOptions{Running: true})
+	img := testbed.DiskImage(t, 1)
+	h.ok(t, dom, vm.AttachDisk, `{"path":"`+img+`","bus":"scsi","target":"sda"}`, true, "running")
+	disk := libvirtxml.DomainDisk{
+		Device: "disk",
+		Source: &libvirtxml.DomainDiskSource{File: &libvirtxml.DomainDiskSourceFile{File: img}},
+		Target: &libvirtxml.DomainDiskTarget{Dev: "sda", Bus: "scsi"},
+	}
+	doc, err := disk.Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var once sync.Once
+	vm.BeforeUnplugAsk(h.ex, func() {
+		once.Do(func() {
+			if err := h.lv.Conn().DomainDetachDeviceFlags(dom, doc, uint32(libvirt.DomainDeviceModifyConfig)); err != nil {
+				t.Errorf("take sda out of the config: %v", err)
+			}
+		})
+	})
+	res, err := h.do(t, dom.Name, vm.DetachDisk, `{"target":"sda","timeout":"6s"}`)
+	if err != nil || !res.Changed {
+		t.Fatalf("detach: %+v, %v (code %q)", res, err, vm.Code(err))
+	}
+	for _, inactive := range []bool{false, true} {
+		if src, still := h.lv.Disks(dom, inactive)["sda"]; still {
+			t.Errorf("sda (inactive=%v) still on %s: %s", inactive, dom.Name, src)
+		}
+	}
 }

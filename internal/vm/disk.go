@@ -253,7 +253,7 @@ func (e *Executor) unplug(ctx context.Context, dom libvirt.Domain, d libvirtxml.
 		return err
 	}
 	defer func() { w.close() }()
-	if done, err := e.askUnplug(ctx, u, true); done || err != nil {
+	if done, err := e.askUnplug(ctx, &u, true); done || err != nil {
 		return err
 	}
 	nextAsk := time.Now().Add(timeout / unplugAsks)
@@ -286,7 +286,7 @@ func (e *Executor) unplug(ctx context.Context, dom libvirt.Domain, d libvirtxml.
 		}
 		if asks < unplugAsks && !time.Now().Before(nextAsk) {
 			asks++
-			if _, err := e.askUnplug(ctx, u, false); err != nil {
+			if _, err := e.askUnplug(ctx, &u, false); err != nil {
 				return err
 			}
 			nextAsk = time.Now().Add(timeout / unplugAsks)
@@ -300,13 +300,19 @@ func (e *Executor) unplug(ctx context.Context, dom libvirt.Domain, d libvirtxml.
 // on the guest is refused ("already in the process of unplug"), which is
 // fine; a refused first one is the answer, unless the disk is gone anyway
 // (a request retried after a lost connection may have got through before).
-func (e *Executor) askUnplug(ctx context.Context, u unplugging, first bool) (done bool, err error) {
-	if e.beforeUnplugAsk != nil {
-		e.beforeUnplugAsk()
+func (e *Executor) askUnplug(ctx context.Context, u *unplugging, first bool) (done bool, err error) {
+	err = e.requestUnplug(ctx, u)
+	if errors.Is(err, errDeviceMissing) && u.flags&uint32(libvirt.DomainDeviceModifyConfig) != 0 {
+		// libvirt checks the config first: when an earlier request whose
+		// answer was lost took the disk out of it, every LIVE|CONFIG request
+		// fails there and never reaches QEMU. Ask for the live one alone.
+		if def, derr := e.domainXML(ctx, u.dom, libvirt.DomainXMLInactive); derr == nil {
+			if _, inCfg := findDisk(def, u.target, ""); !inCfg {
+				u.flags &^= uint32(libvirt.DomainDeviceModifyConfig)
+				err = e.requestUnplug(ctx, u)
+			}
+		}
 	}
-	err = e.conn.call(ctx, fmt.Sprintf("detach disk %s from %s", u.target, u.dom.Name), func(l *libvirt.Libvirt) error {
-		return l.DomainDetachDeviceFlags(u.dom, u.doc, u.flags)
-	})
 	if err == nil || errors.Is(err, ErrUnavailable) {
 		return false, err
 	}
@@ -322,6 +328,15 @@ func (e *Executor) askUnplug(ctx context.Context, u unplugging, first bool) (don
 		return false, nil
 	}
 	return false, err
+}
+
+func (e *Executor) requestUnplug(ctx context.Context, u *unplugging) error {
+	if e.beforeUnplugAsk != nil {
+		e.beforeUnplugAsk()
+	}
+	return e.conn.call(ctx, fmt.Sprintf("detach disk %s from %s", u.target, u.dom.Name), func(l *libvirt.Libvirt) error {
+		return l.DomainDetachDeviceFlags(u.dom, u.doc, u.flags)
+	})
 }
 
 func (e *Executor) diskGone(ctx context.Context, dom libvirt.Domain, target string) (bool, error) {
