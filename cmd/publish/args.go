@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"strconv"
 	"strings"
 	"time"
 	"unicode"
@@ -312,10 +311,4 @@ func checkInboxPrefix(p string) error {
 
 // quoteArg quotes a command-line value for an error message, cut short
 // when it is long.
-func quoteArg(s string) string {
-	const max = 64
-	if len(s) <= max {
-		return strconv.Quote(s)
-	}
-	return fmt.Sprintf("%q… (%d bytes)", strings.ToValidUTF8(s[:max], ""), len(s))
-}
+func quoteArg(s string) string { return bus.Clip(s, 64) }

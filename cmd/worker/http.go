@@ -16,7 +16,6 @@ import (
 	"strings"
 	"sync"
 	"time"
-	"unicode/utf8"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -303,10 +302,10 @@ func readCommand(w http.ResponseWriter, r *http.Request) (apiCommand, *refusal) 
 		return cmd, &refusal{http.StatusUnsupportedMediaType, "Content-Type must be application/json"}
 	}
 	if !bus.ValidToken(cmd.vm) {
-		return cmd, &refusal{http.StatusBadRequest, fmt.Sprintf("vm %q is not a subject token of at most %d bytes: address it by UUID", clip(cmd.vm), bus.MaxTokenLen)}
+		return cmd, &refusal{http.StatusBadRequest, fmt.Sprintf("vm %s is not a subject token of at most %d bytes: address it by UUID", bus.Clip(cmd.vm, maxEcho), bus.MaxTokenLen)}
 	}
 	if _, err := vm.ParseAction(cmd.action); err != nil {
-		return cmd, &refusal{http.StatusBadRequest, fmt.Sprintf("unknown action %q (known: %s)", clip(cmd.action), strings.Join(actionNames(), ", "))}
+		return cmd, &refusal{http.StatusBadRequest, fmt.Sprintf("unknown action %s (known: %s)", bus.Clip(cmd.action, maxEcho), strings.Join(actionNames(), ", "))}
 	}
 	// A client that retries a POST sends the same Idempotency-Key, and the
 	// stream's duplicate window drops the second copy.
@@ -314,12 +313,12 @@ func readCommand(w http.ResponseWriter, r *http.Request) (apiCommand, *refusal) 
 	case cmd.id == "":
 		cmd.id = nuid.Next()
 	case !bus.ValidID(cmd.id):
-		return cmd, &refusal{http.StatusBadRequest, fmt.Sprintf("Idempotency-Key %q: want 1 to %d bytes of [A-Za-z0-9._:-]", clip(cmd.id), bus.MaxIDLen)}
+		return cmd, &refusal{http.StatusBadRequest, fmt.Sprintf("Idempotency-Key %s: want 1 to %d bytes of [A-Za-z0-9._:-]", bus.Clip(cmd.id, maxEcho), bus.MaxIDLen)}
 	}
 	if s := r.URL.Query().Get("wait"); s != "" {
 		d, err := time.ParseDuration(s)
 		if err != nil || d < 0 || d > maxWait {
-			return cmd, &refusal{http.StatusBadRequest, fmt.Sprintf("wait=%q: want a duration up to %s", clip(s), maxWait)}
+			return cmd, &refusal{http.StatusBadRequest, fmt.Sprintf("wait=%s: want a duration up to %s", bus.Clip(s, maxEcho), maxWait)}
 		}
 		cmd.wait = d
 	}
@@ -350,18 +349,6 @@ func awaitEvent(ctx context.Context, w http.ResponseWriter, events *nats.Subscri
 			return
 		}
 	}
-}
-
-// clip shortens a client's value for an error answer, on a rune boundary.
-func clip(s string) string {
-	if len(s) <= maxEcho {
-		return s
-	}
-	n := maxEcho
-	for n > 0 && !utf8.RuneStart(s[n]) {
-		n--
-	}
-	return s[:n] + "..."
 }
 
 func writeJSON(w http.ResponseWriter, code int, v any) {

@@ -65,7 +65,7 @@ func (w *Worker) decode(subject string, hdr nats.Header, body []byte, receivedAt
 	}}
 	defer func() {
 		if r := recover(); r != nil {
-			w.log.Error("panic decoding a command", "panic", clip(fmt.Sprint(r), 256), "stack", string(debug.Stack()))
+			w.log.Error("panic decoding a command", "panic", Clip(fmt.Sprint(r), 256), "stack", string(debug.Stack()))
 			j.invalid = &Error{Code: CodeInvalid, Message: "the command could not be decoded"}
 		}
 	}()
@@ -92,7 +92,7 @@ func (w *Worker) decode(subject string, hdr nats.Header, body []byte, receivedAt
 func (w *Worker) decodeSubject(j *job, subject string) *Error {
 	parts := strings.SplitN(subject, ".", 6)
 	if len(parts) != 5 || parts[0]+"."+parts[1] != CommandPrefix {
-		return &Error{Code: CodeInvalid, Message: fmt.Sprintf("subject %s is not %s.<host>.<vm>.<action>", clip(subject, 64), CommandPrefix)}
+		return &Error{Code: CodeInvalid, Message: fmt.Sprintf("subject %s is not %s.<host>.<vm>.<action>", Clip(subject, 64), CommandPrefix)}
 	}
 	j.cmd.Host = parts[2]
 	vm, action := parts[3], parts[4]
@@ -132,7 +132,7 @@ func (w *Worker) decodeHeaders(j *job, hdr nats.Header) *Error {
 		t, perr := time.Parse(time.RFC3339, exp)
 		if len(exp) > 64 || perr != nil {
 			if err == nil {
-				err = &Error{Code: CodeInvalid, Message: fmt.Sprintf("%s header %s: want an RFC 3339 time such as 2026-01-02T15:04:05Z", HeaderExpires, clip(exp, 64))}
+				err = &Error{Code: CodeInvalid, Message: fmt.Sprintf("%s header %s: want an RFC 3339 time such as 2026-01-02T15:04:05Z", HeaderExpires, Clip(exp, 64))}
 			}
 		} else {
 			j.cmd.Expires = t
@@ -166,7 +166,7 @@ func (w *Worker) checkReply(reply string) *Error {
 		}
 	}
 	return &Error{Code: CodeInvalid, Message: fmt.Sprintf("reply subject %s is not under any of the allowed prefixes %s",
-		clip(reply, 64), strings.Join(w.cfg.ReplyPrefixes, ","))}
+		Clip(reply, 64), strings.Join(w.cfg.ReplyPrefixes, ","))}
 }
 
 // decodeParams accepts an empty body (no parameters) or one JSON object.
@@ -189,17 +189,9 @@ func validPublishSubject(s string) bool {
 		return false
 	}
 	for tok := range strings.SplitSeq(s, ".") {
-		if tok == "" || strings.ContainsAny(tok, " \t\r\n*>") || strings.ContainsFunc(tok, func(r rune) bool { return r < ' ' || r == 0x7f }) {
+		if tok == "" || strings.ContainsFunc(tok, notInToken) {
 			return false
 		}
 	}
 	return true
-}
-
-// clip bounds client text before it reaches a message or a log line.
-func clip(s string, n int) string {
-	if len(s) <= n {
-		return fmt.Sprintf("%q", s)
-	}
-	return fmt.Sprintf("%q… (%d bytes)", strings.ToValidUTF8(s[:n], ""), len(s))
 }

@@ -314,10 +314,10 @@ func (w *Worker) guard(ctx context.Context, j *job, process func(context.Context
 			return
 		}
 		w.log.Error("panic handling a command", "id", j.cmd.ID, "vm", j.cmd.VM, "action", j.cmd.Action,
-			"panic", clip(fmt.Sprint(r), 256), "stack", string(debug.Stack()))
+			"panic", Clip(fmt.Sprint(r), 256), "stack", string(debug.Stack()))
 		defer func() {
 			if r := recover(); r != nil {
-				w.log.Error("panic answering a command; handing it back", "id", j.cmd.ID, "panic", clip(fmt.Sprint(r), 256))
+				w.log.Error("panic answering a command; handing it back", "id", j.cmd.ID, "panic", Clip(fmt.Sprint(r), 256))
 				w.handBack(j)
 			}
 		}()

@@ -70,15 +70,22 @@ const (
 // MaxTokenLen bytes of UTF-8, no dots, no white space or control
 // characters, no wildcards.
 func ValidToken(s string) bool {
-	if s == "" || len(s) > MaxTokenLen || !utf8.ValidString(s) {
-		return false
+	return s != "" && len(s) <= MaxTokenLen && utf8.ValidString(s) && !strings.ContainsFunc(s, notInToken)
+}
+
+// notInToken reports the runes a subject token may not hold: separators,
+// wildcards, white space and control characters.
+func notInToken(r rune) bool {
+	return r <= ' ' || r == 0x7f || r == '.' || r == '*' || r == '>' || unicode.IsSpace(r)
+}
+
+// Clip bounds client text before it reaches a message, an answer or a log
+// line: quoted, and cut at n bytes with its whole length said.
+func Clip(s string, n int) string {
+	if len(s) <= n {
+		return fmt.Sprintf("%q", s)
 	}
-	for _, r := range s {
-		if r <= ' ' || r == 0x7f || r == '.' || r == '*' || r == '>' || unicode.IsSpace(r) {
-			return false
-		}
-	}
-	return true
+	return fmt.Sprintf("%q… (%d bytes)", strings.ToValidUTF8(s[:n], ""), len(s))
 }
 
 // ValidID reports whether s can be a client's command id: 1 to MaxIDLen
