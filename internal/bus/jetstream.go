@@ -222,11 +222,10 @@ func (w *Worker) processJS(ctx context.Context, j *job) {
 		w.handBack(j)
 		return
 	}
-	if rec != nil && (rec.VM != cmd.VM || rec.Action != cmd.Action) {
+	if rec != nil && !rec.answers(cmd.VM, cmd.Action) {
 		// The id was used before for another command: answer this one with
 		// a conflict, and keep the first one's record.
-		w.finish(ctx, j, w.failure(cmd, &Error{Code: CodeConflict, Message: fmt.Sprintf(
-			"command id %s was already used for %s on %s", cmd.ID, rec.Action, rec.VM)}), false)
+		w.finish(ctx, j, w.failure(cmd, rec.reusedBy(cmd.ID)), false)
 		return
 	}
 	if rec != nil {
@@ -343,7 +342,7 @@ func (w *Worker) answerAfterPanic(ctx context.Context, j *job, c Completion) {
 	case err != nil:
 		w.handBack(j)
 		return
-	case rec != nil && rec.VM == j.cmd.VM && rec.Action == j.cmd.Action:
+	case rec != nil && rec.answers(j.cmd.VM, j.cmd.Action):
 		c = *rec
 	default:
 		if err := recs.put(callCtx, c); err != nil {

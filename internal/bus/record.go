@@ -142,6 +142,16 @@ func keyPart(s string) string {
 	return s
 }
 
+// answers reports whether a recorded completion is the answer to a
+// command for vm and action with its id: an id reused for another command
+// is not answered from the first one's record.
+func (c *Completion) answers(vm, action string) bool { return c.VM == vm && c.Action == action }
+
+// reusedBy is the error of a command that reuses the id of the recorded c.
+func (c *Completion) reusedBy(id string) *Error {
+	return &Error{Code: CodeConflict, Message: fmt.Sprintf("command id %s was already used for %s on %s", id, c.Action, c.VM)}
+}
+
 // AwaitCompletion returns the recorded completion of command id for vm
 // and action on host, looking again until it is there or ctx ends. It
 // answers a publisher whose command the stream dropped as a duplicate: no
@@ -159,11 +169,10 @@ func AwaitCompletion(ctx context.Context, js jetstream.JetStream, host, vm, acti
 		if err != nil {
 			return nil, err
 		}
-		if c != nil && (c.VM != vm || c.Action != action) {
+		if c != nil && !c.answers(vm, action) {
 			now := time.Now().UTC()
 			return &Completion{ID: id, Host: host, VM: vm, Action: action, Status: StatusError,
-				Error:      &Error{Code: CodeConflict, Message: fmt.Sprintf("command id %s was already used for %s on %s", id, c.Action, c.VM)},
-				ReceivedAt: now, StartedAt: now, FinishedAt: now}, nil
+				Error: c.reusedBy(id), ReceivedAt: now, StartedAt: now, FinishedAt: now}, nil
 		}
 		if c != nil {
 			return c, nil
