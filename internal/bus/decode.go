@@ -28,8 +28,7 @@ type job struct {
 	// key orders the FIFO: the VM, or InvalidToken when there is no VM.
 	key string
 
-	seq    uint64    // stream sequence, JetStream mode
-	stored streamMsg // the stream message, JetStream mode
+	stored streamMsg // the stream message (sequence, stored time), JetStream mode
 	core   *nats.Msg // core mode
 
 	// mu guards js: a redelivery of a message this worker still holds

@@ -58,7 +58,7 @@ func newHeldSet() heldSet {
 func (h *heldSet) add(j *job) bool {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	if j.seq != 0 {
+	if j.stored.seq != 0 {
 		if held, ok := h.bySeq[j.stored]; ok {
 			held.setMsg(j.msg())
 			return false

@@ -71,7 +71,7 @@ func (w *Worker) runJetStream(ctx context.Context) error {
 	// redelivers in nak order, so nak in stream order to keep each VM's
 	// commands in order for the next worker.
 	back := append(<-left, w.late...)
-	slices.SortFunc(back, func(a, b *job) int { return cmp.Compare(a.seq, b.seq) })
+	slices.SortFunc(back, func(a, b *job) int { return cmp.Compare(a.stored.seq, b.stored.seq) })
 	for _, j := range back {
 		w.handBack(j)
 	}
@@ -157,8 +157,7 @@ func (w *Worker) accept(msg jetstream.Msg) {
 	md, err := msg.Metadata()
 	if err == nil {
 		j.cmd.Attempt = int(md.NumDelivered)
-		j.seq = md.Sequence.Stream
-		j.stored = streamMsg{seq: j.seq, stored: md.Timestamp.UnixNano()}
+		j.stored = streamMsg{seq: md.Sequence.Stream, stored: md.Timestamp.UnixNano()}
 		j.cmd.Expires = earliest(j.cmd.Expires, md.Timestamp.Add(w.cfg.CommandMaxAge))
 	}
 	if j.cmd.ID == "" {
