@@ -36,6 +36,12 @@ const (
 	// when they all fail, the command is answered again from its record on
 	// redelivery.
 	ackTries = 5
+	// parkLimit is how many commands beyond their VM's share of the FIFO the
+	// worker holds (with concurrency above 1), so that it reads past one
+	// VM's deep backlog to the next VM's command. At most maxCommandSize
+	// each, they take at most 32 MiB, and far less in practice; they count
+	// against the consumer's MaxAckPending (the server's default is 1000).
+	parkLimit = 512
 )
 
 // runJetStream is Run for DeliveryJetStream. Three loops run until ctx

@@ -127,6 +127,10 @@ func newMetrics(reg prometheus.Registerer, nc *nats.Conn, q *queue.Queue[*job], 
 			Help: "Commands held by the FIFO, queued plus running.",
 		}, func() float64 { return float64(q.Len()) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "virtbus_queue_parked",
+			Help: "Commands held beyond their VM's share of the FIFO, so that other VMs' commands behind them can run.",
+		}, func() float64 { return float64(q.Parked()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "virtbus_queue_capacity",
 			Help: "Most commands the FIFO holds, queued plus running.",
 		}, func() float64 { return float64(q.Cap()) }),

@@ -3,6 +3,7 @@ package bus
 import (
 	"context"
 	"slices"
+	"sync"
 	"testing"
 	"time"
 
@@ -99,5 +100,122 @@ func createStream(t *testing.T, js jetstream.JetStream) {
 	if _, err := js.CreateStream(t.Context(), jetstream.StreamConfig{Name: StreamName, Subjects: []string{CommandPrefix + ".>"},
 		Retention: jetstream.WorkQueuePolicy, Duplicates: time.Minute}); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// With concurrency 2, a VM with a deep backlog keeps its share of the FIFO
+// and parks the rest, so the worker reads past the backlog: another VM's
+// command published behind 200 of them runs on the idle slot at once,
+// while the backlog still runs in order.
+func TestDeepBacklogDoesNotHoldUpOtherVMs(t *testing.T) {
+	t.Parallel()
+	const backlog = 200
+	s := startServer(t, t.TempDir(), -1)
+	nc := connect(t, s.ClientURL())
+	js := jsFor(t, nc)
+	c := newCalls()
+	var (
+		mu        sync.Mutex
+		bStarted  time.Time
+		aBeforeB  int
+		aRunSoFar int
+	)
+	startWorker(t, connect(t, s.ClientURL()), Config{QueueSize: 4, Concurrency: 2}, func(_ context.Context, cmd Command) Outcome {
+		c.add(cmd)
+		mu.Lock()
+		if cmd.VM == "vm-b" {
+			bStarted, aBeforeB = time.Now(), aRunSoFar
+		} else {
+			aRunSoFar++
+		}
+		mu.Unlock()
+		if cmd.VM == "vm-a" {
+			time.Sleep(20 * time.Millisecond) // one command's time
+		}
+		return Outcome{State: "running"}
+	})
+	events := collect(t, nc, EventPrefix+".>")
+
+	for i := range backlog {
+		publishCmd(t, js, "vm-a", "start", id("a", i), "", "")
+	}
+	bSent := time.Now()
+	publishCmd(t, js, "vm-b", "start", "b-1", "", "")
+	events.wait(t, "b-1")
+	mu.Lock()
+	wait, before := bStarted.Sub(bSent), aBeforeB
+	mu.Unlock()
+	t.Logf("vm-b waited %s behind a %d-command backlog of vm-a (20ms each); vm-a ran %d commands meanwhile",
+		wait.Round(time.Millisecond), backlog, before)
+	// The count, not the time, is asserted: without parking vm-b waits
+	// for the whole backlog. Reading past 200 messages takes a few of
+	// vm-a's commands' time on a loaded machine; a quarter is far off both.
+	if before >= backlog/4 {
+		t.Errorf("vm-b ran after %d of vm-a's %d commands, want it to overtake the backlog", before, backlog)
+	}
+
+	events.wait(t, id("a", backlog-1))
+	waitStreamEmpty(t, js)
+	var want []string
+	for i := range backlog {
+		want = append(want, id("a", i))
+	}
+	if got := c.idsFor("vm-a"); !slices.Equal(got, want) {
+		t.Errorf("vm-a ran %d commands out of order or not once each: %v", len(got), got)
+	}
+	for _, id := range append(want, "b-1") {
+		if got := events.settled(t, id); len(got) != 1 {
+			t.Errorf("%s: %d completions, want 1", id, len(got))
+		}
+	}
+}
+
+// Parking is bounded: a VM's backlog deeper than its share of the FIFO plus
+// parkLimit stays in the stream, and it all runs in order once the VM's
+// commands move again.
+func TestParkingIsBounded(t *testing.T) {
+	t.Parallel()
+	const (
+		queueSize = 4
+		share     = queueSize - 2 + 1 // concurrency 2
+		total     = share + parkLimit + 50
+	)
+	s := startServer(t, t.TempDir(), -1)
+	nc := connect(t, s.ClientURL())
+	js := jsFor(t, nc)
+	release := make(chan struct{})
+	c := newCalls()
+	w := startWorker(t, connect(t, s.ClientURL()), Config{QueueSize: queueSize, Concurrency: 2}, func(_ context.Context, cmd Command) Outcome {
+		c.add(cmd)
+		<-release
+		return Outcome{State: "running"}
+	})
+	events := collect(t, nc, EventPrefix+".>")
+	for i := range total {
+		publishCmd(t, js, "vm-a", "start", id("a", i), "", "")
+	}
+
+	waitFor(t, "the worker to fill its share and its park", func() bool {
+		info := consumerInfo(t, js)
+		return info.NumAckPending == share+parkLimit && info.NumPending == total-share-parkLimit
+	})
+	if got, want := w.q.Len(), share; got != want {
+		t.Errorf("FIFO holds %d of one VM, want its share %d", got, want)
+	}
+	if got := metricValue(t, w.reg, "virtbus_queue_parked"); got != parkLimit {
+		t.Errorf("virtbus_queue_parked = %v, want %d", got, parkLimit)
+	}
+	close(release)
+	events.wait(t, id("a", total-1))
+	waitStreamEmpty(t, js)
+	var want []string
+	for i := range total {
+		want = append(want, id("a", i))
+	}
+	if got := c.idsFor("vm-a"); !slices.Equal(got, want) {
+		t.Errorf("vm-a ran %d commands, out of order or not once each", len(got))
+	}
+	if got := metricValue(t, w.reg, "virtbus_queue_parked"); got != 0 {
+		t.Errorf("virtbus_queue_parked after the backlog = %v, want 0", got)
 	}
 }

@@ -191,6 +191,10 @@ func (w *Worker) checkSettings(s jetstream.StreamConfig, c jetstream.ConsumerCon
 			fmt.Sprintf("%q: this worker would take other hosts' commands, or miss its own", c.FilterSubject)},
 		{"consumer " + c.Durable + " max_ack_pending", c.MaxAckPending > 0 && c.MaxAckPending < w.cfg.QueueSize,
 			fmt.Sprintf("%d is below VIRTBUS_QUEUE_SIZE (%d): the FIFO never fills", c.MaxAckPending, w.cfg.QueueSize)},
+		{"consumer " + c.Durable + " max_ack_pending (fairness)", w.cfg.Concurrency > 1 && c.MaxAckPending > 0 &&
+			c.MaxAckPending >= w.cfg.QueueSize && c.MaxAckPending < w.cfg.QueueSize+parkLimit,
+			fmt.Sprintf("%d: a VM with more than %d commands waiting holds up the other VMs' commands behind them",
+				c.MaxAckPending, c.MaxAckPending-w.cfg.Concurrency+1)},
 		{"kv bucket " + RecordBucket + " ttl", recordTTL > 0 && recordTTL < w.cfg.CommandMaxAge,
 			fmt.Sprintf("%s is shorter than a command may wait: a redelivery after it runs the command again", recordTTL)},
 	}

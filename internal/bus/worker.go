@@ -214,7 +214,7 @@ func New(nc *nats.Conn, cfg Config, h Handler, log *slog.Logger, reg prometheus.
 		cfg:     cfg,
 		handler: h,
 		log:     log.With("delivery", cfg.Delivery),
-		q:       queue.New[*job](cfg.QueueSize, cfg.Concurrency),
+		q:       queue.New[*job](cfg.QueueSize, cfg.Concurrency, parkLimit),
 		held:    newHeldSet(),
 		warned:  map[string]bool{},
 		lost:    make(chan struct{}, 1),

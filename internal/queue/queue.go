@@ -4,9 +4,18 @@
 // run side by side. The queue reports its free room so that the bus takes
 // only as many messages off NATS as it can hold, which keeps back-pressure in
 // NATS and memory flat however deep the backlog is.
+//
+// When items may run side by side, one key may fill at most its share of
+// the queue: capacity minus concurrency plus one, which leaves a slot for
+// every other runner. Its items beyond the share are parked, up to a fixed
+// number, and move into the queue one by one as the key's earlier items
+// finish. Parking lets the bus read past one VM's deep backlog to another
+// VM's command, which then runs on an idle runner instead of waiting for
+// the whole backlog.
 package queue
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"slices"
@@ -25,6 +34,7 @@ var (
 type entry[T any] struct {
 	key  string
 	item T
+	n    uint64 // arrival number
 }
 
 // Queue is a bounded FIFO with per-key ordering. Its zero value is not
@@ -33,27 +43,43 @@ type entry[T any] struct {
 type Queue[T any] struct {
 	capacity    int
 	concurrency int
+	share       int // most items of one key queued and running
+	parkLimit   int
 
-	mu      sync.Mutex
-	waiting []entry[T]          // arrival order
-	busy    map[string]struct{} // keys with an item running
-	running int
-	closed  bool
+	mu       sync.Mutex
+	arrivals uint64
+	waiting  []entry[T]            // arrival order
+	admitted map[string]int        // per key: queued plus running
+	parked   map[string][]entry[T] // per key: beyond its share, arrival order
+	nparked  int
+	busy     map[string]struct{} // keys with an item running
+	running  int
+	closed   bool
 	// changed is closed and replaced on every change of room or work, so any
 	// number of waiters can select on it alongside their context.
 	changed chan struct{}
 }
 
 // New returns a queue that holds at most capacity items (queued plus
-// running) and runs at most concurrency of them at once. Values below 1 are
-// taken as 1.
-func New[T any](capacity, concurrency int) *Queue[T] {
-	return &Queue[T]{
+// running), runs at most concurrency of them at once, and parks at most
+// park items beyond their key's share. Capacity and concurrency below 1 are
+// taken as 1; with park 0 or concurrency 1 nothing is parked and one key may
+// fill the whole queue.
+func New[T any](capacity, concurrency, park int) *Queue[T] {
+	q := &Queue[T]{
 		capacity:    max(capacity, 1),
 		concurrency: max(concurrency, 1),
+		parkLimit:   max(park, 0),
+		admitted:    make(map[string]int),
+		parked:      make(map[string][]entry[T]),
 		busy:        make(map[string]struct{}),
 		changed:     make(chan struct{}),
 	}
+	q.share = q.capacity
+	if q.parkLimit > 0 && q.concurrency > 1 {
+		q.share = max(q.capacity-q.concurrency+1, 1)
+	}
+	return q
 }
 
 // Cap is the capacity: the most items queued and running together.
@@ -66,6 +92,13 @@ func (q *Queue[T]) Len() int {
 	return len(q.waiting) + q.running
 }
 
+// Parked is the number of items held beyond their key's share.
+func (q *Queue[T]) Parked() int {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.nparked
+}
+
 // Running is the number of items being run right now.
 func (q *Queue[T]) Running() int {
 	q.mu.Lock()
@@ -73,7 +106,8 @@ func (q *Queue[T]) Running() int {
 	return q.running
 }
 
-// Free is how many more items Push accepts right now; 0 once closed.
+// Free is how many more items Push accepts right now, whatever their keys:
+// each needs either room in the queue or room to park. 0 once closed.
 func (q *Queue[T]) Free() int {
 	q.mu.Lock()
 	defer q.mu.Unlock()
@@ -84,7 +118,11 @@ func (q *Queue[T]) freeLocked() int {
 	if q.closed {
 		return 0
 	}
-	return q.capacity - len(q.waiting) - q.running
+	free := q.capacity - len(q.waiting) - q.running
+	if q.share < q.capacity {
+		free = min(free, q.parkLimit-q.nparked)
+	}
+	return free
 }
 
 // WaitRoom blocks until there is room for at least one item and reports how
@@ -109,20 +147,36 @@ func (q *Queue[T]) WaitRoom(ctx context.Context) (int, error) {
 	}
 }
 
-// Push appends an item without waiting: ErrFull when there is no room,
-// ErrClosed once the queue is shutting down.
+// Push appends an item without waiting, parking it when its key holds its
+// share already: ErrFull when there is no room, ErrClosed once the queue is
+// shutting down.
 func (q *Queue[T]) Push(key string, item T) error {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	switch {
-	case q.closed:
+	if q.closed {
 		return ErrClosed
-	case q.freeLocked() <= 0:
+	}
+	park := q.admitted[key] >= q.share || len(q.parked[key]) > 0
+	switch {
+	case park && q.nparked >= q.parkLimit,
+		!park && len(q.waiting)+q.running >= q.capacity:
 		return ErrFull
 	}
-	q.waiting = append(q.waiting, entry[T]{key: key, item: item})
+	q.arrivals++
+	e := entry[T]{key: key, item: item, n: q.arrivals}
+	if park {
+		q.parked[key] = append(q.parked[key], e)
+		q.nparked++
+	} else {
+		q.admitLocked(e)
+	}
 	q.notifyLocked()
 	return nil
+}
+
+func (q *Queue[T]) admitLocked(e entry[T]) {
+	q.waiting = append(q.waiting, e)
+	q.admitted[e.key]++
 }
 
 // PushWait appends an item, waiting for room first; this is how a producer
@@ -143,7 +197,8 @@ func (q *Queue[T]) PushWait(ctx context.Context, key string, item T) error {
 // so order per key never depends on goroutine scheduling. It calls run for
 // each item on a goroutine of its own. When ctx ends it stops starting items,
 // waits for the running ones to return, and hands back the items still
-// queued, in arrival order, for the caller to return to their source.
+// queued or parked, in arrival order, for the caller to return to their
+// source.
 func (q *Queue[T]) Run(ctx context.Context, run func(key string, item T)) []T {
 	var wg sync.WaitGroup
 	for {
@@ -191,11 +246,23 @@ func (q *Queue[T]) nextLocked() (entry[T], bool) {
 	return entry[T]{}, false
 }
 
+// finish frees the slot of key's item that ended, and fills it with the
+// key's oldest parked item: the room just freed is always enough for it.
 func (q *Queue[T]) finish(key string) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	delete(q.busy, key)
 	q.running--
+	if q.admitted[key]--; q.admitted[key] == 0 {
+		delete(q.admitted, key)
+	}
+	if p := q.parked[key]; len(p) > 0 {
+		q.admitLocked(p[0])
+		q.nparked--
+		if q.parked[key] = p[1:]; len(q.parked[key]) == 0 {
+			delete(q.parked, key)
+		}
+	}
 	q.notifyLocked()
 }
 
@@ -209,11 +276,17 @@ func (q *Queue[T]) shutdown(wg *sync.WaitGroup) []T {
 
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	left := make([]T, 0, len(q.waiting))
-	for _, e := range q.waiting {
+	entries := q.waiting
+	for _, p := range q.parked {
+		entries = append(entries, p...)
+	}
+	slices.SortFunc(entries, func(a, b entry[T]) int { return cmp.Compare(a.n, b.n) })
+	left := make([]T, 0, len(entries))
+	for _, e := range entries {
 		left = append(left, e.item)
 	}
-	q.waiting = nil
+	q.waiting, q.parked, q.nparked = nil, map[string][]entry[T]{}, 0
+	clear(q.admitted)
 	q.notifyLocked()
 	return left
 }

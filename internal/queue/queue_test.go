@@ -35,16 +35,20 @@ func TestOrderPerKey(t *testing.T) {
 		items       int
 		capacity    int
 		concurrency int
+		park        int
 	}{
 		{name: "one key, one worker", keys: 1, items: 100, capacity: 4, concurrency: 1},
 		{name: "one key, four workers", keys: 1, items: 100, capacity: 8, concurrency: 4},
 		{name: "eight keys, four workers", keys: 8, items: 400, capacity: 16, concurrency: 4},
 		{name: "two keys, four workers", keys: 2, items: 200, capacity: 64, concurrency: 4},
 		{name: "many keys, capacity one", keys: 5, items: 100, capacity: 1, concurrency: 4},
+		{name: "two keys, parking", keys: 2, items: 200, capacity: 4, concurrency: 2, park: 16},
+		{name: "eight keys, parking", keys: 8, items: 400, capacity: 6, concurrency: 3, park: 5},
+		{name: "one key, parking", keys: 1, items: 100, capacity: 4, concurrency: 2, park: 50},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			q := New[item](tc.capacity, tc.concurrency)
+			q := New[item](tc.capacity, tc.concurrency, tc.park)
 
 			var (
 				mu       sync.Mutex
@@ -155,7 +159,7 @@ func runQueue[T any](t *testing.T, q *Queue[T], run func(string, T)) (cancel fun
 }
 
 func TestBusyKeyDoesNotBlockOtherKeys(t *testing.T) {
-	q := New[string](8, 2)
+	q := New[string](8, 2, 0)
 	started := make(chan string, 10)
 	release := map[string]chan struct{}{"a1": make(chan struct{}), "a2": make(chan struct{}), "b1": make(chan struct{})}
 	runQueue(t, q, func(_ string, it string) {
@@ -192,7 +196,7 @@ func TestBusyKeyDoesNotBlockOtherKeys(t *testing.T) {
 
 func TestDifferentKeysRunSideBySide(t *testing.T) {
 	const workers = 4
-	q := New[int](workers, workers)
+	q := New[int](workers, workers, 0)
 	arrived := make(chan struct{}, workers)
 	all := make(chan struct{})
 	var once sync.Once
@@ -220,7 +224,7 @@ func TestDifferentKeysRunSideBySide(t *testing.T) {
 }
 
 func TestCapacityCountsQueuedAndRunning(t *testing.T) {
-	q := New[string](3, 1)
+	q := New[string](3, 1, 0)
 	g := newGate()
 	runQueue(t, q, g.run)
 	defer close(g.release)
@@ -263,7 +267,7 @@ func TestCapacityCountsQueuedAndRunning(t *testing.T) {
 
 func TestPushWait(t *testing.T) {
 	t.Run("waits for room", func(t *testing.T) {
-		q := New[string](1, 1)
+		q := New[string](1, 1, 0)
 		g := newGate()
 		runQueue(t, q, g.run)
 		defer close(g.release)
@@ -283,7 +287,7 @@ func TestPushWait(t *testing.T) {
 		}
 	})
 	t.Run("gives up with its context", func(t *testing.T) {
-		q := New[string](1, 1)
+		q := New[string](1, 1, 0)
 		if err := q.Push("a", "a1"); err != nil { // no Run: a1 stays queued
 			t.Fatal(err)
 		}
@@ -296,7 +300,7 @@ func TestPushWait(t *testing.T) {
 }
 
 func TestShutdownHandsBackQueued(t *testing.T) {
-	q := New[string](8, 1)
+	q := New[string](8, 1, 0)
 	var (
 		mu       sync.Mutex
 		finished []string
@@ -348,4 +352,111 @@ func TestShutdownHandsBackQueued(t *testing.T) {
 	if err := q.PushWait(t.Context(), "d", "d1"); !errors.Is(err, ErrClosed) {
 		t.Errorf("PushWait after shutdown: %v, want ErrClosed", err)
 	}
+}
+
+// TestDeepBacklogDoesNotHoldUpOtherKeys is the fairness promise: with
+// concurrency 2, a key with far more items than the queue holds parks them,
+// so another key's item, pushed behind the whole backlog, runs at once on
+// the idle runner.
+func TestDeepBacklogDoesNotHoldUpOtherKeys(t *testing.T) {
+	const backlog = 20
+	q := New[string](4, 2, backlog)
+	g := newGate()
+	runQueue(t, q, g.run)
+
+	for i := range backlog {
+		if err := q.Push("a", fmt.Sprintf("a%d", i)); err != nil {
+			t.Fatalf("push a%d: %v", i, err)
+		}
+	}
+	if got := within(t, g.started, "a0 to start"); got != "a0" {
+		t.Fatalf("first started %s, want a0", got)
+	}
+	if got, want := q.Len(), 3; got != want {
+		t.Errorf("Len with a deep backlog = %d, want %d (the key's share)", got, want)
+	}
+	if got, want := q.Parked(), backlog-3; got != want {
+		t.Errorf("Parked = %d, want %d", got, want)
+	}
+	if got := q.Free(); got != 1 {
+		t.Errorf("Free = %d, want 1: the slot kept for other keys", got)
+	}
+	if err := q.Push("b", "b0"); err != nil {
+		t.Fatalf("push b0: %v", err)
+	}
+	if got := within(t, g.started, "b0 to start"); got != "b0" {
+		t.Fatalf("started %s while a0 runs, want b0", got)
+	}
+
+	// Everything of a runs, in order, once released.
+	close(g.release)
+	for i := 1; i < backlog; i++ {
+		if got, want := within(t, g.started, "a's backlog"), fmt.Sprintf("a%d", i); got != want {
+			t.Fatalf("started %s, want %s", got, want)
+		}
+	}
+}
+
+// TestParkingIsBounded: when the park is full, Free is 0, so the bus stops
+// taking messages off NATS; Push refuses the full key's next item and still
+// takes another key's while the queue has room.
+func TestParkingIsBounded(t *testing.T) {
+	q := New[string](3, 2, 2)
+	for i := range 4 { // share 2, then two parked
+		if err := q.Push("a", fmt.Sprint(i)); err != nil {
+			t.Fatalf("push %d: %v", i, err)
+		}
+	}
+	if got := q.Free(); got != 0 {
+		t.Errorf("Free with a full park = %d, want 0", got)
+	}
+	if err := q.Push("a", "4"); !errors.Is(err, ErrFull) {
+		t.Errorf("Push of a parking key with a full park = %v, want ErrFull", err)
+	}
+	if err := q.Push("b", "b"); err != nil {
+		t.Errorf("Push of another key with room in the queue = %v, want nil", err)
+	}
+}
+
+// TestShutdownHandsBackParkedInArrivalOrder: parked items go back with the
+// queued ones, all in the order they came.
+func TestShutdownHandsBackParkedInArrivalOrder(t *testing.T) {
+	q := New[string](4, 2, 10) // share 3
+	g := newGate()
+	stop := runQueue(t, q, g.run)
+	for _, it := range []string{"a0", "a1", "a2", "a3", "b0", "a4"} {
+		if err := q.Push(it[:1], it); err != nil {
+			t.Fatalf("push %s: %v", it, err)
+		}
+	}
+	if got, want := q.Parked(), 2; got != want {
+		t.Fatalf("Parked = %d, want %d (a3, a4)", got, want)
+	}
+	within(t, g.started, "a0 or b0")
+	within(t, g.started, "a0 or b0")
+
+	left := make(chan []string, 1)
+	go func() { left <- stop() }()
+	deadline := time.Now().Add(10 * time.Second)
+	for !q.isClosed() {
+		if time.Now().After(deadline) {
+			t.Fatal("queue never closed")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	close(g.release) // a0 and b0 finish; a3 moves up; nothing starts
+
+	got := within(t, left, "shutdown")
+	if want := []string{"a1", "a2", "a3", "a4"}; fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("handed back %v, want %v", got, want)
+	}
+	if q.Len() != 0 || q.Parked() != 0 {
+		t.Errorf("after shutdown Len %d, Parked %d; want 0, 0", q.Len(), q.Parked())
+	}
+}
+
+func (q *Queue[T]) isClosed() bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.closed
 }
