@@ -31,7 +31,10 @@ func OwnLibvirtd(t testing.TB) {
 }
 
 // StopLibvirtd stops the test bed's libvirtd and waits until it is gone.
-// Running QEMU domains survive it, as on a real host.
+// Running QEMU domains survive it, as on a real host. Should the test end
+// before it starts the daemon again (a failure in between), the daemon is
+// started at the end of the test, before the test's domains are removed:
+// otherwise they would be left behind, and every later test would fail.
 func StopLibvirtd(t testing.TB) {
 	t.Helper()
 	OwnLibvirtd(t)
@@ -39,6 +42,12 @@ func StopLibvirtd(t testing.TB) {
 	if err := syscall.Kill(pid, syscall.SIGTERM); err != nil {
 		t.Fatalf("stop libvirtd (pid %d): %v", pid, err)
 	}
+	t.Cleanup(func() {
+		if !libvirtdRunning() {
+			t.Log("libvirtd was left stopped; starting it again")
+			StartLibvirtd(t)
+		}
+	})
 	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
 		if !alive(pid) {
 			return
@@ -94,6 +103,16 @@ func thaw(t testing.TB, pid int) {
 	if err := syscall.Kill(pid, syscall.SIGCONT); err != nil && !errors.Is(err, syscall.ESRCH) {
 		t.Errorf("thaw libvirtd (pid %d): %v", pid, err)
 	}
+}
+
+// libvirtdRunning reports whether the pid in libvirtd's pid file runs.
+func libvirtdRunning() bool {
+	b, err := os.ReadFile("/run/libvirtd.pid")
+	if err != nil {
+		return false
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	return err == nil && alive(pid)
 }
 
 // libvirtdPid is the running libvirtd's pid, from its pid file.
