@@ -7,8 +7,6 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"reflect"
-	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -16,62 +14,38 @@ import (
 	"github.com/kelseyhightower/envconfig"
 
 	"github.com/virtbus/virtbus/internal/bus"
+	"github.com/virtbus/virtbus/internal/envload"
 )
 
-// envPrefix is the prefix of every variable the worker reads.
-const envPrefix = "virtbus"
-
 // config is the worker's whole configuration, read from VIRTBUS_*
-// variables. The tags are envconfig's: `worker -h` prints this table.
+// variables by envconfig (through envload, so that run can take its
+// environment as a function): `worker -h` prints this table. The bus's
+// settings and the NATS connection settings are the bus package's own
+// structs, so their names, defaults and descriptions live in one place.
 type config struct {
-	Host           string        `envconfig:"HOST" desc:"host id in the subjects (default: the hostname, subject-safe)"`
-	NATSURL        string        `envconfig:"NATS_URL" desc:"NATS server URL(s); empty: embedded server with JetStream on 127.0.0.1:4222"`
-	NATSCreds      string        `envconfig:"NATS_CREDS" desc:"NATS .creds file"`
-	NATSUser       string        `envconfig:"NATS_USER" desc:"NATS user"`
-	NATSPassword   string        `envconfig:"NATS_PASSWORD" desc:"NATS password"`
-	NATSToken      string        `envconfig:"NATS_TOKEN" desc:"NATS token"`
-	NATSTLSCA      string        `envconfig:"NATS_TLS_CA" desc:"CA file to verify the NATS server"`
-	NATSTLSCert    string        `envconfig:"NATS_TLS_CERT" desc:"client certificate file"`
-	NATSTLSKey     string        `envconfig:"NATS_TLS_KEY" desc:"client key file"`
-	Delivery       string        `envconfig:"DELIVERY" default:"jetstream" desc:"jetstream (nothing lost) or core (at most once)"`
-	StateDir       string        `envconfig:"STATE_DIR" default:"/var/lib/virtbus" desc:"state of the embedded NATS server"`
-	LibvirtURI     string        `envconfig:"LIBVIRT_URI" default:"qemu:///system" desc:"libvirt driver URI"`
-	LibvirtSocket  string        `envconfig:"LIBVIRT_SOCKET" default:"/var/run/libvirt/libvirt-sock" desc:"libvirt socket"`
-	LibvirtTimeout time.Duration `envconfig:"LIBVIRT_TIMEOUT" default:"30s" desc:"deadline of each libvirt call"`
-	QueueSize      int           `envconfig:"QUEUE_SIZE" default:"64" desc:"FIFO capacity (queued plus running)"`
-	Concurrency    int           `envconfig:"CONCURRENCY" default:"1" desc:"commands for different VMs run side by side"`
-	MaxDeliver     int           `envconfig:"MAX_DELIVER" default:"5" desc:"attempts of a command that keeps ending unavailable before its final error"`
-	DiskRoots      []string      `envconfig:"DISK_ROOTS" default:"/var/lib/libvirt/images" desc:"comma-separated directories disk images must resolve into; {vm} as a path element stands for the domain name (one directory per VM)"`
-	MetricsAddr    string        `envconfig:"METRICS_ADDR" default:":9480" desc:"listen address of /metrics, /healthz and /readyz (read-only); off: none"`
-	APIAddr        string        `envconfig:"API_ADDR" default:"127.0.0.1:9481" desc:"listen address of the command API; off: none; not loopback: needs VIRTBUS_API_TOKEN_FILE"`
-	APITokenFile   string        `envconfig:"API_TOKEN_FILE" desc:"file holding the command API's bearer token"`
-	CommandMaxAge  time.Duration `envconfig:"COMMAND_MAX_AGE" default:"24h" desc:"a command older than this (from its stream timestamp) ends in expired without running"`
-	StreamReplicas int           `envconfig:"STREAM_REPLICAS" default:"1" desc:"replicas of the stream and buckets, used only when the worker creates them"`
-	Lease          time.Duration `envconfig:"LEASE" default:"15s" desc:"one active worker per host: a standby takes over within this long after the active one stops or dies"`
-	ReplyPrefixes  []string      `envconfig:"REPLY_PREFIXES" default:"_INBOX.,_INBOX_,virtbus.reply." desc:"comma-separated subject prefixes a Virtbus-Reply header must start with"`
-	LogLevel       string        `envconfig:"LOG_LEVEL" default:"info" desc:"debug, info, warn or error"`
-	LogFormat      string        `envconfig:"LOG_FORMAT" default:"text" desc:"text or json"`
+	bus.Config
+	NATS           bus.NATSSettings
+	StateDir       string        `split_words:"true" default:"/var/lib/virtbus" desc:"state of the embedded NATS server"`
+	LibvirtURI     string        `split_words:"true" default:"qemu:///system" desc:"libvirt driver URI"`
+	LibvirtSocket  string        `split_words:"true" default:"/var/run/libvirt/libvirt-sock" desc:"libvirt socket"`
+	LibvirtTimeout time.Duration `split_words:"true" default:"30s" desc:"deadline of each libvirt call"`
+	DiskRoots      []string      `split_words:"true" default:"/var/lib/libvirt/images" desc:"comma-separated directories disk images must resolve into; {vm} as a path element stands for the domain name (one directory per VM)"`
+	MetricsAddr    string        `split_words:"true" default:":9480" desc:"listen address of /metrics, /healthz and /readyz (read-only); off: none"`
+	APIAddr        string        `split_words:"true" default:"127.0.0.1:9481" desc:"listen address of the command API; off: none; not loopback: needs VIRTBUS_API_TOKEN_FILE"`
+	APITokenFile   string        `split_words:"true" desc:"file holding the command API's bearer token"`
+	LogLevel       string        `split_words:"true" default:"info" desc:"debug, info, warn or error"`
+	LogFormat      string        `split_words:"true" default:"text" desc:"text or json"`
 }
 
-// loadConfig reads the configuration through getenv. envconfig reads only
-// the process environment and cannot be handed a lookup function, while run
-// must take its environment as a parameter (so tests can run the worker
-// in-process with their own); so the same struct tags envconfig prints are
-// read here, and a bad value names its variable.
+// loadConfig reads the configuration through getenv, and names the
+// variable of a bad value.
 func loadConfig(getenv func(string) string) (config, error) {
 	var c config
-	v := reflect.ValueOf(&c).Elem()
-	for i := range v.NumField() {
-		f := v.Type().Field(i)
-		key := strings.ToUpper(envPrefix) + "_" + f.Tag.Get("envconfig")
-		raw := getenv(key)
-		if raw == "" {
-			raw = f.Tag.Get("default")
-		}
-		if err := setField(v.Field(i), raw); err != nil {
-			return c, fmt.Errorf("%s=%q: %w", key, raw, err)
-		}
+	if err := envload.Load(bus.EnvPrefix, getenv, &c); err != nil {
+		return c, err
 	}
+	// envconfig splits lists at commas and keeps the spaces around them.
+	c.DiskRoots, c.ReplyPrefixes = trimList(c.DiskRoots), trimList(c.ReplyPrefixes)
 	if c.Host == "" {
 		h, err := os.Hostname()
 		if err != nil {
@@ -82,34 +56,15 @@ func loadConfig(getenv func(string) string) (config, error) {
 	return c, c.check()
 }
 
-func setField(f reflect.Value, raw string) error {
-	switch f.Interface().(type) {
-	case string:
-		f.SetString(raw)
-	case time.Duration:
-		d, err := time.ParseDuration(raw)
-		if err != nil {
-			return err
+// trimList drops the spaces around a list's items, and empty items.
+func trimList(items []string) []string {
+	var out []string
+	for _, it := range items {
+		if it = strings.TrimSpace(it); it != "" {
+			out = append(out, it)
 		}
-		f.SetInt(int64(d))
-	case int:
-		n, err := strconv.Atoi(raw)
-		if err != nil {
-			return fmt.Errorf("not a whole number")
-		}
-		f.SetInt(int64(n))
-	case []string:
-		var parts []string
-		for _, p := range strings.Split(raw, ",") {
-			if p = strings.TrimSpace(p); p != "" {
-				parts = append(parts, p)
-			}
-		}
-		f.Set(reflect.ValueOf(parts))
-	default:
-		return fmt.Errorf("unsupported field type %s", f.Type())
 	}
-	return nil
+	return out
 }
 
 // check refuses values that would only fail later, naming the variable.
@@ -207,7 +162,7 @@ func newLogger(c config, w io.Writer) *slog.Logger {
 func usage(w io.Writer) error {
 	fmt.Fprintln(w, "Usage: worker\n\nThe virtbus worker takes VM commands from NATS and runs them against this host's libvirt.")
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	if err := envconfig.Usagef(envPrefix, &config{}, tw, envconfig.DefaultTableFormat); err != nil {
+	if err := envconfig.Usagef(bus.EnvPrefix, &config{}, tw, envconfig.DefaultTableFormat); err != nil {
 		return err
 	}
 	return tw.Flush()

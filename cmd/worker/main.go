@@ -71,7 +71,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
-	natsURL := cfg.NATSURL
+	natsURL := cfg.NATS.URL
 	if natsURL == "" {
 		srv, err := bus.RunEmbedded(filepath.Join(cfg.StateDir, "nats"), embeddedHost, embeddedPort)
 		if err != nil {
@@ -81,13 +81,11 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		natsURL = srv.ClientURL()
 		log.Info("embedded NATS server started", "url", natsURL, "store", filepath.Join(cfg.StateDir, "nats"))
 	}
-	nc, err := bus.Connect(bus.ConnOptions{
-		URL: natsURL, Name: "virtbus-worker-" + cfg.Host,
-		Creds: cfg.NATSCreds, User: cfg.NATSUser, Password: cfg.NATSPassword, Token: cfg.NATSToken,
-		TLSCA: cfg.NATSTLSCA, TLSCert: cfg.NATSTLSCert, TLSKey: cfg.NATSTLSKey,
-		InboxPrefix:   bus.WorkerInboxPrefix(cfg.Host),
-		WaitForServer: true,
-	}, log)
+	natsOpts := cfg.NATS.ConnOptions("virtbus-worker-" + cfg.Host)
+	natsOpts.URL = natsURL
+	natsOpts.InboxPrefix = bus.WorkerInboxPrefix(cfg.Host)
+	natsOpts.WaitForServer = true
+	nc, err := bus.Connect(natsOpts, log)
 	if err != nil {
 		return err
 	}
@@ -95,18 +93,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 
 	conn := vm.NewConn(cfg.LibvirtSocket, cfg.LibvirtURI, cfg.LibvirtTimeout, log)
 	ex := vm.NewExecutor(conn, vm.Config{Roots: roots}, log)
-	w, err := bus.New(nc, bus.Config{
-		Host:           cfg.Host,
-		Delivery:       cfg.Delivery,
-		QueueSize:      cfg.QueueSize,
-		Concurrency:    cfg.Concurrency,
-		MaxDeliver:     cfg.MaxDeliver,
-		Actions:        actionNames(),
-		ReplyPrefixes:  cfg.ReplyPrefixes,
-		CommandMaxAge:  cfg.CommandMaxAge,
-		StreamReplicas: cfg.StreamReplicas,
-		Lease:          cfg.Lease,
-	}, handler(ex), log, reg)
+	busCfg := cfg.Config
+	busCfg.Actions = actionNames()
+	w, err := bus.New(nc, busCfg, handler(ex), log, reg)
 	if err != nil {
 		return err
 	}

@@ -30,6 +30,27 @@ type ConnOptions struct {
 	WaitForServer bool
 }
 
+// NATSSettings are the connection settings the worker and publish both
+// read from VIRTBUS_NATS_* (envconfig; see internal/envload).
+type NATSSettings struct {
+	URL      string `desc:"NATS server URL(s), comma-separated; empty: the worker starts an embedded server with JetStream on 127.0.0.1:4222, publish dials that address"`
+	Creds    string `desc:"NATS .creds file (JWT and NKey seed)"`
+	User     string `desc:"NATS user"`
+	Password string `desc:"NATS password"`
+	Token    string `desc:"NATS token"`
+	TLS      struct {
+		CA   string `desc:"CA file to verify the NATS server"`
+		Cert string `desc:"client certificate file"`
+		Key  string `desc:"client key file"`
+	}
+}
+
+// ConnOptions are the options to Connect with these settings.
+func (s NATSSettings) ConnOptions(name string) ConnOptions {
+	return ConnOptions{URL: s.URL, Name: name, Creds: s.Creds, User: s.User, Password: s.Password, Token: s.Token,
+		TLSCA: s.TLS.CA, TLSCert: s.TLS.Cert, TLSKey: s.TLS.Key}
+}
+
 // WorkerInboxPrefix is the inbox prefix of host's worker connection:
 // deploy/nats-server.conf lets only that worker subscribe below it.
 func WorkerInboxPrefix(host string) string { return "_INBOX_virtbus-" + host }

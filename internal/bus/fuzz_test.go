@@ -18,7 +18,7 @@ func FuzzDecode(f *testing.F) {
 	f.Add("virtbus.cmd.hv1.web-1.stop", "id-1", "_INBOX.abc", []byte(`{"mode":"force"}`))
 	f.Add("virtbus.cmd.hv1.web-1.start", "", "", []byte(``))
 	f.Add("virtbus.cmd.hv1..start", "~1-2", "$KV.VIRTBUS_DONE.hv1.x", []byte(`[]`))
-	w := &Worker{log: nullLogger(), cfg: Config{Host: testHost, ReplyPrefixes: DefaultReplyPrefixes},
+	w := &Worker{log: nullLogger(), cfg: Config{Host: testHost, ReplyPrefixes: DefaultConfig().ReplyPrefixes},
 		m: &metrics{actions: map[string]bool{"start": true}}}
 	f.Fuzz(func(t *testing.T, subject, id, reply string, body []byte) {
 		hdr := nats.Header{}
@@ -32,7 +32,7 @@ func FuzzDecode(f *testing.F) {
 		if c.ID != "" && !ValidID(c.ID) {
 			t.Fatalf("id %q out of bounds", c.ID)
 		}
-		if c.Reply != "" && (len(c.Reply) > MaxReplyLen || !validPublishSubject(c.Reply) || !hasAnyPrefix(c.Reply, DefaultReplyPrefixes)) {
+		if c.Reply != "" && (len(c.Reply) > MaxReplyLen || !validPublishSubject(c.Reply) || !hasAnyPrefix(c.Reply, DefaultConfig().ReplyPrefixes)) {
 			t.Fatalf("reply %q allowed", c.Reply)
 		}
 		if l := len(EventSubject(testHost, c.VM, c.Action)); l > 300 {

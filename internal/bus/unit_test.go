@@ -51,7 +51,7 @@ func TestDecode(t *testing.T) {
 		{name: "reply into the worker's inbox", subject: "virtbus.cmd.hv1.web-1.stop", reply: WorkerInboxPrefix("hv1") + ".x.y", wantVM: "web-1", wantAction: "stop", wantParams: `{}`, wantInvalid: true},
 		{name: "reply too long", subject: "virtbus.cmd.hv1.web-1.stop", reply: "_INBOX." + long(MaxReplyLen), wantVM: "web-1", wantAction: "stop", wantParams: `{}`, wantInvalid: true},
 	}
-	w := &Worker{log: testLogger(t), cfg: Config{Host: "hv1", ReplyPrefixes: DefaultReplyPrefixes}}
+	w := &Worker{log: testLogger(t), cfg: Config{Host: "hv1", ReplyPrefixes: DefaultConfig().ReplyPrefixes}}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			hdr := nats.Header{}

@@ -13,6 +13,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/virtbus/virtbus/internal/envload"
 	"github.com/virtbus/virtbus/internal/queue"
 )
 
@@ -22,51 +23,60 @@ const (
 	DeliveryCore      = "core"
 )
 
-// Config is what the worker needs to know about its place on the bus.
-// Zero values take the defaults named on each field.
+// Config is what the worker needs to know about its place on the bus. The
+// fields an operator sets are read from VIRTBUS_* variables (their names
+// follow envconfig's split_words rule); their defaults, in the tags, are
+// the only ones: New takes a zero field as its default. The ignored fields
+// have no variable; their defaults are in withDefaults.
 type Config struct {
-	Host        string        // subject-safe host id
-	Delivery    string        // DeliveryJetStream (default) or DeliveryCore
-	QueueSize   int           // FIFO capacity, queued plus running (default 64)
-	Concurrency int           // commands for different VMs run side by side (default 1)
-	MaxDeliver  int           // attempts before an `unavailable` command ends in its final error completion (default 5)
-	AckWait     time.Duration // redelivery timer of the consumer (default 30s)
-	DupWindow   time.Duration // stream duplicate window (default 2m)
-	RecordTTL   time.Duration // how long completions are kept by id (default 24h)
+	Host        string `desc:"host id in the subjects (default: the hostname, subject-safe)"`
+	Delivery    string `default:"jetstream" desc:"jetstream (nothing lost) or core (at most once)"`
+	QueueSize   int    `split_words:"true" default:"64" desc:"FIFO capacity (queued plus running)"`
+	Concurrency int    `default:"1" desc:"commands for different VMs run side by side"`
+	MaxDeliver  int    `split_words:"true" default:"5" desc:"attempts of a command that keeps ending unavailable before its final error"`
 	// CommandMaxAge is how long after it reached the stream a command is
-	// still run (default 24h); after that, or after its Virtbus-Expires
-	// deadline, it ends in CodeExpired without running.
-	CommandMaxAge time.Duration
+	// still run; after that, or after its Virtbus-Expires deadline, it ends
+	// in CodeExpired without running.
+	CommandMaxAge time.Duration `split_words:"true" default:"24h" desc:"a command older than this (from its stream timestamp) ends in expired without running"`
 	// StreamReplicas is used only when the worker creates the stream and
-	// the buckets (default 1).
-	StreamReplicas int
+	// the buckets.
+	StreamReplicas int `split_words:"true" default:"1" desc:"replicas of the stream and buckets, used only when the worker creates them"`
+	// Lease is how long the active worker of a host holds its lease
+	// without renewing it; a standby takes over within it.
+	Lease time.Duration `default:"15s" desc:"one active worker per host: a standby takes over within this long after the active one stops or dies"`
+	// ReplyPrefixes are the prefixes a Virtbus-Reply subject must start
+	// with: the worker publishes nowhere else a client names.
+	ReplyPrefixes []string `split_words:"true" default:"_INBOX.,_INBOX_,virtbus.reply." desc:"comma-separated subject prefixes a Virtbus-Reply header must start with"`
+
+	AckWait   time.Duration `ignored:"true"` // redelivery timer of the consumer (default 30s)
+	DupWindow time.Duration `ignored:"true"` // stream duplicate window (default 2m)
+	RecordTTL time.Duration `ignored:"true"` // how long completions are kept by id (default 24h)
 	// DeliveryLimit ends, unrun, a command delivered this often: one that
 	// kills the worker every time it runs (default 100). Hand-backs at
 	// shutdown count as deliveries too, hence a limit far above MaxDeliver,
 	// which counts the attempts of a command that keeps ending unavailable.
-	DeliveryLimit int
-	// Lease is how long the active worker of a host holds its lease
-	// without renewing it; a standby takes over within it (default 15s).
-	Lease time.Duration
-
+	DeliveryLimit int `ignored:"true"`
 	// RetryBackoff is the delay before the second delivery of a command that
 	// ended `unavailable`; it doubles with each delivery up to
 	// RetryBackoffMax (defaults 1s and 30s).
-	RetryBackoff    time.Duration
-	RetryBackoffMax time.Duration
-
+	RetryBackoff    time.Duration `ignored:"true"`
+	RetryBackoffMax time.Duration `ignored:"true"`
 	// Actions are the action names the handler knows. Metrics label any
 	// other action "unknown", so client text never becomes a label value.
-	Actions []string
-	// ReplyPrefixes are the prefixes a Virtbus-Reply subject must start
-	// with (default DefaultReplyPrefixes): the worker publishes nowhere else
-	// a client names.
-	ReplyPrefixes []string
+	Actions []string `ignored:"true"`
 }
 
-// DefaultReplyPrefixes are NATS's inbox prefixes (the default "_INBOX." and
-// per-user ones such as "_INBOX_tenant-a.") and virtbus's own reply space.
-var DefaultReplyPrefixes = []string{"_INBOX.", "_INBOX_", "virtbus.reply."}
+// DefaultConfig is the configuration with every variable unset.
+func DefaultConfig() Config {
+	var c Config
+	if err := envload.Load(EnvPrefix, func(string) string { return "" }, &c); err != nil {
+		panic("bus config defaults do not parse: " + err.Error())
+	}
+	return c
+}
+
+// EnvPrefix is the prefix of the variables the worker and publish read.
+const EnvPrefix = "virtbus"
 
 // CheckReplyPrefixes refuses prefixes that would let a client name a
 // subject the worker must never publish to: empty ones (anything goes),
@@ -91,22 +101,28 @@ func (c Config) withDefaults() (Config, error) {
 	if !ValidToken(c.Host) {
 		return c, fmt.Errorf("host %q is not a subject token", c.Host)
 	}
-	switch c.Delivery {
-	case "":
-		c.Delivery = DeliveryJetStream
-	case DeliveryJetStream, DeliveryCore:
-	default:
+	d := DefaultConfig()
+	if c.Delivery == "" {
+		c.Delivery = d.Delivery
+	}
+	if c.Delivery != DeliveryJetStream && c.Delivery != DeliveryCore {
 		return c, fmt.Errorf("delivery %q: want %s or %s", c.Delivery, DeliveryJetStream, DeliveryCore)
+	}
+	if len(c.ReplyPrefixes) == 0 {
+		c.ReplyPrefixes = d.ReplyPrefixes
+	}
+	if err := CheckReplyPrefixes(c.ReplyPrefixes); err != nil {
+		return c, fmt.Errorf("reply prefixes: %w", err)
 	}
 	ints := []struct {
 		name string
 		v    *int
 		def  int
 	}{
-		{"queue size", &c.QueueSize, 64},
-		{"concurrency", &c.Concurrency, 1},
-		{"max deliver", &c.MaxDeliver, 5},
-		{"stream replicas", &c.StreamReplicas, 1},
+		{"queue size", &c.QueueSize, d.QueueSize},
+		{"concurrency", &c.Concurrency, d.Concurrency},
+		{"max deliver", &c.MaxDeliver, d.MaxDeliver},
+		{"stream replicas", &c.StreamReplicas, d.StreamReplicas},
 		{"delivery limit", &c.DeliveryLimit, 100},
 	}
 	for _, f := range ints {
@@ -117,12 +133,6 @@ func (c Config) withDefaults() (Config, error) {
 			*f.v = f.def
 		}
 	}
-	if len(c.ReplyPrefixes) == 0 {
-		c.ReplyPrefixes = DefaultReplyPrefixes
-	}
-	if err := CheckReplyPrefixes(c.ReplyPrefixes); err != nil {
-		return c, fmt.Errorf("reply prefixes: %w", err)
-	}
 	durations := []struct {
 		name string
 		v    *time.Duration
@@ -131,8 +141,8 @@ func (c Config) withDefaults() (Config, error) {
 		{"ack wait", &c.AckWait, 30 * time.Second},
 		{"duplicate window", &c.DupWindow, 2 * time.Minute},
 		{"record ttl", &c.RecordTTL, 24 * time.Hour},
-		{"command max age", &c.CommandMaxAge, 24 * time.Hour},
-		{"lease", &c.Lease, 15 * time.Second},
+		{"command max age", &c.CommandMaxAge, d.CommandMaxAge},
+		{"lease", &c.Lease, d.Lease},
 		{"retry backoff", &c.RetryBackoff, time.Second},
 		{"retry backoff max", &c.RetryBackoffMax, 30 * time.Second},
 	}
