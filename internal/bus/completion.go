@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+
+	"github.com/virtbus/virtbus/internal/backoff"
 )
 
 var errNotConnected = errors.New("nats not connected")
@@ -35,14 +37,9 @@ func (w *Worker) execute(ctx context.Context, cmd Command) (out Outcome, started
 	return out, started, finished
 }
 
-// backoff is the delay before the delivery after attempt: exponential,
-// capped.
-func (w *Worker) backoff(attempt int) time.Duration {
-	d := w.cfg.RetryBackoff
-	for i := 1; i < attempt && d < w.cfg.RetryBackoffMax; i++ {
-		d *= 2
-	}
-	return min(d, w.cfg.RetryBackoffMax)
+// retryDelay is the wait before the try after attempt.
+func (w *Worker) retryDelay(attempt int) time.Duration {
+	return backoff.Nth(w.cfg.RetryBackoff, w.cfg.RetryBackoffMax, attempt-1)
 }
 
 func (w *Worker) completion(cmd Command, out Outcome, started, finished time.Time) Completion {
@@ -156,7 +153,7 @@ func (w *Worker) report(c Completion, duplicate bool) {
 // between tries. op always runs at least once, even after ctx ended, so a
 // finished command still gets its one chance to be answered at shutdown.
 func retry(ctx context.Context, op func() error, onErr func(error)) error {
-	delay := 50 * time.Millisecond
+	b := backoff.Backoff{Min: 50 * time.Millisecond, Max: time.Second}
 	for {
 		err := op()
 		if err == nil {
@@ -165,14 +162,9 @@ func retry(ctx context.Context, op func() error, onErr func(error)) error {
 		if onErr != nil {
 			onErr(err)
 		}
-		t := time.NewTimer(delay)
-		select {
-		case <-ctx.Done():
-			t.Stop()
+		if sleep(ctx, b.Next()); ctx.Err() != nil {
 			return err
-		case <-t.C:
 		}
-		delay = min(2*delay, time.Second)
 	}
 }
 

@@ -286,7 +286,7 @@ func (w *Worker) runWithRetries(ctx context.Context, cmd Command) (Completion, b
 		if out.Err == nil || out.Err.Code != CodeUnavailable || tries >= w.cfg.MaxDeliver {
 			return c, true
 		}
-		delay := w.backoff(tries)
+		delay := w.retryDelay(tries)
 		w.log.Info("command unavailable; will retry", "id", cmd.ID, "vm", cmd.VM, "action", cmd.Action,
 			"attempt", cmd.Attempt, "retry_in", delay, "error", out.Err.Message)
 		if sleep(ctx, delay); ctx.Err() != nil {

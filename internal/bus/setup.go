@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/virtbus/virtbus/internal/backoff"
 )
 
 // maxCommandSize caps one command message in a stream the worker creates:
@@ -25,7 +27,8 @@ func (w *Worker) keepSetUp(ctx context.Context, js jetstream.JetStream, kept fun
 	var (
 		takeover   = true
 		reconnects = w.nc.Stats().Reconnects
-		delay      = time.Second // a server without JetStream: back off to a warning every half minute
+		// A server without JetStream: back off to a warning every half minute.
+		retry = backoff.Backoff{Min: time.Second, Max: 30 * time.Second}
 	)
 	for ctx.Err() == nil {
 		if w.cons.Load() == nil {
@@ -34,14 +37,14 @@ func (w *Worker) keepSetUp(ctx context.Context, js jetstream.JetStream, kept fun
 			}
 			cons, err := w.setup(ctx, js)
 			if err != nil {
+				delay := retry.Next()
 				if ctx.Err() == nil {
 					w.log.Warn("jetstream setup failed; retrying", "err", err, "retry_in", delay)
 				}
 				sleep(ctx, delay)
-				delay = min(2*delay, 30*time.Second)
 				continue
 			}
-			delay = time.Second
+			retry.Reset()
 			if takeover {
 				l, err := w.acquireLease(ctx, js)
 				if err != nil {

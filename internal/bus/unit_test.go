@@ -161,8 +161,8 @@ func TestBackoff(t *testing.T) {
 	t.Parallel()
 	w := &Worker{cfg: Config{RetryBackoff: time.Second, RetryBackoffMax: 5 * time.Second}}
 	for attempt, want := range map[int]time.Duration{1: time.Second, 2: 2 * time.Second, 3: 4 * time.Second, 4: 5 * time.Second, 40: 5 * time.Second} {
-		if got := w.backoff(attempt); got != want {
-			t.Errorf("backoff(%d) = %s, want %s", attempt, got, want)
+		if got := w.retryDelay(attempt); got != want {
+			t.Errorf("retryDelay(%d) = %s, want %s", attempt, got, want)
 		}
 	}
 }

@@ -13,6 +13,8 @@ import (
 	"github.com/digitalocean/go-libvirt"
 	"github.com/digitalocean/go-libvirt/socket"
 	"github.com/digitalocean/go-libvirt/socket/dialers"
+
+	"github.com/virtbus/virtbus/internal/backoff"
 )
 
 // closeWait bounds the polite close (ConnectClose) at shutdown: a daemon
@@ -107,7 +109,7 @@ func NewConn(socket, uri string, timeout time.Duration, log *slog.Logger) *Conn 
 func (c *Conn) Run(ctx context.Context) {
 	var wg sync.WaitGroup // the keepalives, which end with their socket
 	defer wg.Wait()
-	backoff := newBackoff(200*time.Millisecond, 10*time.Second)
+	retry := backoff.Backoff{Min: 200 * time.Millisecond, Max: 10 * time.Second}
 	for ctx.Err() == nil {
 		s, err := c.dial(ctx)
 		if err != nil {
@@ -117,11 +119,11 @@ func (c *Conn) Run(ctx context.Context) {
 			c.log.Warn("libvirt connect failed", "socket", c.socket, "uri", c.uri, "err", err)
 			select {
 			case <-ctx.Done():
-			case <-time.After(backoff.next()):
+			case <-time.After(retry.Next()):
 			}
 			continue
 		}
-		backoff.reset()
+		retry.Reset()
 		c.set(s)
 		c.log.Info("libvirt connected", "socket", c.socket, "uri", c.uri)
 		if c.serve(ctx, s, &wg) {
@@ -327,16 +329,3 @@ func (c *Conn) run(s *session, what string, fn func(l *libvirt.Libvirt) error) e
 	}
 	return err
 }
-
-// backoff doubles a wait from min to max.
-type backoff struct{ min, max, cur time.Duration }
-
-func newBackoff(min, max time.Duration) *backoff { return &backoff{min: min, max: max, cur: min} }
-
-func (b *backoff) next() time.Duration {
-	d := b.cur
-	b.cur = min(b.cur*2, b.max)
-	return d
-}
-
-func (b *backoff) reset() { b.cur = b.min }
