@@ -1,0 +1,156 @@
+package bus
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// processJS answers one command: from its record when it was answered
+// before, else by running it. The completion is recorded, then published,
+// and only then is the message acked.
+func (w *Worker) processJS(ctx context.Context, j *job) {
+	defer w.held.remove(j)
+	cmd := j.cmd
+	w.m.queueWait.WithLabelValues(w.m.action(cmd.Action)).Observe(time.Since(cmd.ReceivedAt).Seconds())
+	// NATS calls use a context shutdown does not cancel: a command taken
+	// off the queue is seen through. ctx only ends the waiting for NATS.
+	callCtx := handlerContext(ctx)
+
+	var rec *Completion
+	err := retry(ctx, func() error {
+		var err error
+		rec, err = w.records.Load().get(callCtx, cmd.ID)
+		return err
+	}, func(err error) { w.log.Debug("record lookup failed", "id", cmd.ID, "err", err) })
+	if err != nil {
+		w.log.Warn("record lookup failed at shutdown; handing back", "id", cmd.ID, "err", err)
+		w.handBack(j)
+		return
+	}
+	if rec != nil && !rec.answers(cmd.VM, cmd.Action) {
+		// The id was used before for another command: answer this one with
+		// a conflict, and keep the first one's record.
+		w.finish(ctx, j, w.failure(cmd, rec.reusedBy(cmd.ID)), false)
+		return
+	}
+	if rec != nil {
+		w.finish(ctx, j, *rec, true)
+		return
+	}
+
+	c, ok := w.outcome(ctx, j)
+	if !ok {
+		w.log.Info("shutdown while a command waited to retry; handing back", "id", cmd.ID)
+		w.handBack(j)
+		return
+	}
+	if err := retry(ctx, func() error { return w.records.Load().put(callCtx, c) },
+		func(err error) { w.log.Debug("record failed", "id", c.ID, "err", err) }); err != nil {
+		w.log.Warn("completion not recorded at shutdown; handing back", "id", cmd.ID, "err", err)
+		w.handBack(j)
+		return
+	}
+	if w.crashAfterRecord != nil && w.crashAfterRecord(cmd) {
+		return
+	}
+	w.finish(ctx, j, c, false)
+}
+
+// outcome decides a command's completion: refused as it came, expired,
+// out of deliveries, or run. It reports false when shutdown interrupted
+// the waits between retries.
+func (w *Worker) outcome(ctx context.Context, j *job) (Completion, bool) {
+	cmd := j.cmd
+	switch {
+	case j.invalid != nil:
+		return w.failure(cmd, j.invalid), true
+	case !cmd.Expires.IsZero() && time.Now().After(cmd.Expires):
+		return w.failure(cmd, &Error{Code: CodeExpired, Message: fmt.Sprintf(
+			"deadline %s passed before the command ran; it did not run", cmd.Expires.UTC().Format(time.RFC3339))}), true
+	case cmd.Attempt > w.cfg.DeliveryLimit:
+		return w.failure(cmd, &Error{Code: CodeUnavailable,
+			Message: fmt.Sprintf("not completed after %d deliveries", cmd.Attempt-1)}), true
+	}
+	return w.runWithRetries(ctx, cmd)
+}
+
+// runWithRetries runs a command, and runs it again after a back-off while
+// it ends `unavailable`, up to MaxDeliver attempts. The retries happen in
+// place, holding the VM's slot, so that the VM's later commands cannot
+// overtake it. It reports false when shutdown came during a back-off; the
+// completion is then the last attempt's.
+func (w *Worker) runWithRetries(ctx context.Context, cmd Command) (Completion, bool) {
+	for tries := 1; ; tries++ {
+		out, started, finished := w.execute(ctx, cmd)
+		c := w.completion(cmd, out, started, finished)
+		if out.Err == nil || out.Err.Code != CodeUnavailable || tries >= w.cfg.MaxDeliver {
+			return c, true
+		}
+		delay := w.retryDelay(tries)
+		w.log.Info("command unavailable; will retry", "id", cmd.ID, "vm", cmd.VM, "action", cmd.Action,
+			"attempt", cmd.Attempt, "retry_in", delay, "error", out.Err.Message)
+		if sleep(ctx, delay); ctx.Err() != nil {
+			return c, false
+		}
+		cmd.Attempt++
+	}
+}
+
+// finish publishes a completion, then acks its command and reports it.
+func (w *Worker) finish(ctx context.Context, j *job, c Completion, duplicate bool) {
+	if err := w.publish(ctx, c, j.cmd.Reply); err != nil {
+		w.log.Warn("completion not published at shutdown; handing back", "id", j.cmd.ID, "err", err)
+		w.handBack(j)
+		return
+	}
+	w.ack(ctx, j)
+	w.report(c, duplicate)
+}
+
+// ack acks after the completion went out, and waits for the server to
+// confirm, so that the slot is freed only once the server counts the
+// message as done. An ack that never goes through is not fatal: the
+// redelivery is answered from the record.
+func (w *Worker) ack(ctx context.Context, j *job) {
+	var err error
+	for range ackTries {
+		if err = waitConnected(ctx, w.nc); err != nil {
+			break // shutdown while disconnected
+		}
+		actx, cancel := context.WithTimeout(handlerContext(ctx), publishTimeout)
+		err = j.msg().DoubleAck(actx)
+		cancel()
+		if err == nil || errors.Is(err, jetstream.ErrMsgAlreadyAckd) {
+			return
+		}
+		w.log.Debug("ack failed", "id", j.cmd.ID, "err", err)
+		sleep(ctx, 100*time.Millisecond)
+	}
+	w.log.Warn("ack not confirmed; a redelivery is answered from the record", "id", j.cmd.ID, "err", err)
+}
+
+// handBack returns a command that was not answered to the stream for
+// immediate redelivery.
+func (w *Worker) handBack(j *job) {
+	if j.msg() == nil {
+		return // core mode: nothing to hand back to
+	}
+	w.held.remove(j)
+	if err := j.msg().Nak(); err != nil {
+		w.log.Warn("nak failed; redelivered after ack wait", "id", j.cmd.ID, "err", err)
+	}
+}
+
+// sleep waits for d or until ctx ends.
+func sleep(ctx context.Context, d time.Duration) {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+	case <-t.C:
+	}
+}
