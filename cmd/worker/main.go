@@ -9,6 +9,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -42,92 +43,157 @@ const (
 )
 
 func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
-	fs := flag.NewFlagSet("worker", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	fs.Usage = func() { _ = usage(stderr) }
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return nil
-		}
-		return err
+	cfg, err := configure(args, getenv, stderr)
+	if cfg == nil || err != nil {
+		return err // -h printed the usage, or the configuration is bad
 	}
-	if fs.NArg() > 0 {
-		return fmt.Errorf("unexpected arguments %q: the worker is configured through VIRTBUS_* variables (worker -h lists them)", fs.Args())
-	}
-	cfg, err := loadConfig(getenv)
-	if err != nil {
-		return err
-	}
-	apiToken, err := readAPIToken(cfg.APITokenFile)
-	if err != nil {
-		return err
-	}
-	log := newLogger(cfg, stderr)
-	roots, err := vm.NewDiskRoots(cfg.DiskRoots)
-	if err != nil {
-		return fmt.Errorf("VIRTBUS_DISK_ROOTS: %w", err)
-	}
+	log, reg := newLogger(cfg.config, stderr), newRegistry()
 
-	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-
-	natsURL := cfg.NATS.URL
-	if natsURL == "" {
-		srv, err := bus.RunEmbedded(filepath.Join(cfg.StateDir, "nats"), embeddedHost, embeddedPort)
-		if err != nil {
-			return fmt.Errorf("start embedded NATS (VIRTBUS_NATS_URL is empty): %w", err)
-		}
-		defer func() { srv.Shutdown(); srv.WaitForShutdown() }()
-		natsURL = srv.ClientURL()
-		log.Info("embedded NATS server started", "url", natsURL, "store", filepath.Join(cfg.StateDir, "nats"))
-	}
-	natsOpts := cfg.NATS.ConnOptions("virtbus-worker-" + cfg.Host)
-	natsOpts.URL = natsURL
-	natsOpts.InboxPrefix = bus.WorkerInboxPrefix(cfg.Host)
-	natsOpts.WaitForServer = true
-	nc, err := bus.Connect(natsOpts, log)
+	// Each part is built after what it needs, and its teardown is deferred
+	// where it is built, so shutdown runs in the reverse order: the HTTP
+	// listeners close first, then the libvirt connection (no command runs
+	// any more once w.Run has drained), then the NATS connection (after
+	// the drain's naks were flushed), and the embedded server last.
+	nc, closeNATS, err := openNATS(cfg.config, log)
 	if err != nil {
 		return err
 	}
-	defer nc.Close()
+	defer closeNATS()
 
 	conn := vm.NewConn(cfg.LibvirtSocket, cfg.LibvirtURI, cfg.LibvirtTimeout, log)
-	ex := vm.NewExecutor(conn, vm.Config{Roots: roots}, log)
-	busCfg := cfg.Config
-	busCfg.Actions = actionNames()
-	w, err := bus.New(nc, busCfg, handler(ex), log, reg)
+	closeLibvirt := keepConnected(conn)
+	defer closeLibvirt()
+
+	w, err := newBusWorker(cfg.config, nc, vm.NewExecutor(conn, vm.Config{Roots: cfg.roots}, log), log, reg)
 	if err != nil {
 		return err
 	}
 	watchLibvirt(conn, w, reg)
 
-	var wg sync.WaitGroup
-	defer wg.Wait()
-	connCtx, stopConn := context.WithCancel(context.Background())
-	defer stopConn()
-	wg.Go(func() { conn.Run(connCtx) })
-
-	api, err := newHTTPAPI(nc, cfg.Host, cfg.Delivery == bus.DeliveryCore, apiToken)
+	api, err := newHTTPAPI(nc, cfg.Host, cfg.Delivery == bus.DeliveryCore, cfg.apiToken)
 	if err != nil {
 		return err
 	}
-	stopHTTP, err := startHTTP(cfg, api, reg, readiness(w, conn), &wg, log)
+	var serving sync.WaitGroup
+	closeHTTP, err := startHTTP(cfg.config, api, reg, readiness(w, conn), &serving, log)
 	if err != nil {
 		return err
 	}
-	defer stopHTTP()
+	defer func() { closeHTTP(); serving.Wait() }()
 
 	fmt.Fprintf(stdout, "virtbus worker %s: commands on %s, delivery %s\n", cfg.Host, bus.CommandSubject(cfg.Host, "*", "*"), cfg.Delivery)
-	// Run returns once ctx has ended and the running commands are finished
-	// and what was still queued is handed back.
+	// Run returns once ctx has ended, the running commands are finished and
+	// what was still queued is handed back.
 	if err := w.Run(ctx); err != nil {
 		return err
 	}
+	// The naks of the drain are fire-and-forget: push them out before the
+	// connection closes.
 	if err := nc.Flush(); err != nil && !errors.Is(err, nats.ErrConnectionClosed) {
 		log.Warn("flush on shutdown", "err", err)
 	}
 	log.Info("worker stopped")
 	return nil
+}
+
+// newRegistry holds the worker's metrics, with the Go runtime's and the
+// process's.
+func newRegistry() *prometheus.Registry {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return reg
+}
+
+// newBusWorker is the bus worker that runs this host's commands on ex.
+func newBusWorker(cfg config, nc *nats.Conn, ex *vm.Executor, log *slog.Logger, reg prometheus.Registerer) (*bus.Worker, error) {
+	busCfg := cfg.Config
+	busCfg.Actions = actionNames()
+	return bus.New(nc, busCfg, handler(ex), log, reg)
+}
+
+// settings are the configuration with the files and directories it
+// names read and checked.
+type settings struct {
+	config
+	apiToken []byte
+	roots    vm.DiskRoots
+}
+
+// configure reads the flags and the environment, and everything they name
+// that could be wrong, before anything starts. It returns nil settings
+// and no error when -h printed the usage.
+func configure(args []string, getenv func(string) string, stderr io.Writer) (*settings, error) {
+	if help, err := parseFlags(args, stderr); help || err != nil {
+		return nil, err
+	}
+	cfg, err := loadConfig(getenv)
+	if err != nil {
+		return nil, err
+	}
+	s := &settings{config: cfg}
+	if s.apiToken, err = readAPIToken(cfg.APITokenFile); err != nil {
+		return nil, err
+	}
+	if s.roots, err = vm.NewDiskRoots(cfg.DiskRoots); err != nil {
+		return nil, fmt.Errorf("VIRTBUS_DISK_ROOTS: %w", err)
+	}
+	return s, nil
+}
+
+// parseFlags takes -h and nothing else: the configuration is in the
+// environment. help reports that the usage was printed.
+func parseFlags(args []string, stderr io.Writer) (help bool, err error) {
+	fs := flag.NewFlagSet("worker", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() { _ = usage(stderr) }
+	if err := fs.Parse(args); err != nil {
+		return errors.Is(err, flag.ErrHelp), ignoreHelp(err)
+	}
+	if fs.NArg() > 0 {
+		return false, fmt.Errorf("unexpected arguments %q: the worker is configured through VIRTBUS_* variables (worker -h lists them)", fs.Args())
+	}
+	return false, nil
+}
+
+func ignoreHelp(err error) error {
+	if errors.Is(err, flag.ErrHelp) {
+		return nil
+	}
+	return err
+}
+
+// openNATS connects to VIRTBUS_NATS_URL, or to an embedded server it
+// starts when that is empty. closeNATS closes the connection, then the
+// server.
+func openNATS(cfg config, log *slog.Logger) (nc *nats.Conn, closeNATS func(), err error) {
+	opts := cfg.NATS.ConnOptions("virtbus-worker-" + cfg.Host)
+	opts.InboxPrefix = bus.WorkerInboxPrefix(cfg.Host)
+	opts.WaitForServer = true
+	stopServer := func() {}
+	if opts.URL == "" {
+		store := filepath.Join(cfg.StateDir, "nats")
+		srv, err := bus.RunEmbedded(store, embeddedHost, embeddedPort)
+		if err != nil {
+			return nil, nil, fmt.Errorf("start embedded NATS (VIRTBUS_NATS_URL is empty): %w", err)
+		}
+		stopServer = func() { srv.Shutdown(); srv.WaitForShutdown() }
+		opts.URL = srv.ClientURL()
+		log.Info("embedded NATS server started", "url", opts.URL, "store", store)
+	}
+	if nc, err = bus.Connect(opts, log); err != nil {
+		stopServer()
+		return nil, nil, err
+	}
+	return nc, func() { nc.Close(); stopServer() }, nil
+}
+
+// keepConnected runs the libvirt connection's reconnect loop until the
+// returned function is called; that closes the connection and waits.
+func keepConnected(conn *vm.Conn) (closeLibvirt func()) {
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Go(func() { conn.Run(ctx) })
+	return func() { cancel(); wg.Wait() }
 }
 
 // handler runs one command on the executor and turns the result into the
