@@ -119,9 +119,21 @@ func newMetrics(reg prometheus.Registerer, nc *nats.Conn, q *queue.Queue[*job], 
 	if reg == nil {
 		return m, nil
 	}
-	collectors := []prometheus.Collector{
+	collectors := append([]prometheus.Collector{
 		m.received, m.completed, m.errors, m.duration, m.queueWait, m.redeliveries, m.duplicates,
 		&natsReconnects{vec: m.reconnects, nc: nc},
+	}, gauges(nc, q)...)
+	for _, c := range collectors {
+		if err := reg.Register(c); err != nil {
+			return nil, fmt.Errorf("register bus metrics: %w", err)
+		}
+	}
+	return m, nil
+}
+
+// gauges read the FIFO and the connection at each scrape.
+func gauges(nc *nats.Conn, q *queue.Queue[*job]) []prometheus.Collector {
+	return []prometheus.Collector{
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "virtbus_queue_depth",
 			Help: "Commands held by the FIFO, queued plus running.",
@@ -148,12 +160,6 @@ func newMetrics(reg prometheus.Registerer, nc *nats.Conn, q *queue.Queue[*job], 
 			return 0
 		}),
 	}
-	for _, c := range collectors {
-		if err := reg.Register(c); err != nil {
-			return nil, fmt.Errorf("register bus metrics: %w", err)
-		}
-	}
-	return m, nil
 }
 
 // natsReconnects fills target="nats" of virtbus_reconnects_total from the

@@ -148,22 +148,11 @@ func (e *Executor) detach(ctx context.Context, vm string, p DetachParams) (Resul
 		}
 	}
 
-	var liveDisk, cfgDisk libvirtxml.DomainDisk
-	var inLive, inCfg bool
-	if live {
-		def, err := e.domainXML(ctx, dom, 0)
-		if err != nil {
-			return Result{}, err
-		}
-		liveDisk, inLive = findDisk(def, p.Target, path)
+	where, err := e.locateDisk(ctx, dom, live, persistent || !live, p.Target, path)
+	if err != nil {
+		return Result{}, err
 	}
-	if persistent || !live {
-		def, err := e.domainXML(ctx, dom, libvirt.DomainXMLInactive)
-		if err != nil {
-			return Result{}, err
-		}
-		cfgDisk, inCfg = findDisk(def, p.Target, path)
-	}
+	liveDisk, inLive, cfgDisk, inCfg := where.live, where.inLive, where.cfg, where.inCfg
 	if !inLive && !inCfg {
 		return Result{State: StateName(st)}, nil
 	}
@@ -181,16 +170,8 @@ func (e *Executor) detach(ctx context.Context, vm string, p DetachParams) (Resul
 		return Result{}, err
 	}
 	if persistent && inCfg {
-		// The config part of a LIVE|CONFIG detach happens with the live
-		// request; make sure of it.
-		def, err := e.domainXML(ctx, dom, libvirt.DomainXMLInactive)
-		if err != nil {
+		if err := e.ensureConfigDetached(ctx, dom, cfgDisk); err != nil {
 			return Result{}, err
-		}
-		if d, still := findDisk(def, diskTarget(cfgDisk), ""); still {
-			if err := e.detachConfig(ctx, dom, d); err != nil {
-				return Result{}, err
-			}
 		}
 	}
 	st, err = e.state(ctx, dom)
@@ -198,6 +179,47 @@ func (e *Executor) detach(ctx context.Context, vm string, p DetachParams) (Resul
 		return Result{}, err
 	}
 	return Result{Changed: true, State: StateName(st), Detail: map[string]any{"target": diskTarget(liveDisk)}}, nil
+}
+
+// diskPlaces is where a disk to detach was found: in the live domain, in
+// its config, or both.
+type diskPlaces struct {
+	live, cfg     libvirtxml.DomainDisk
+	inLive, inCfg bool
+}
+
+// locateDisk looks the disk up in the live definition (when the domain
+// runs) and in the config (when asked).
+func (e *Executor) locateDisk(ctx context.Context, dom libvirt.Domain, live, config bool, target, path string) (diskPlaces, error) {
+	var w diskPlaces
+	if live {
+		def, err := e.domainXML(ctx, dom, 0)
+		if err != nil {
+			return w, err
+		}
+		w.live, w.inLive = findDisk(def, target, path)
+	}
+	if config {
+		def, err := e.domainXML(ctx, dom, libvirt.DomainXMLInactive)
+		if err != nil {
+			return w, err
+		}
+		w.cfg, w.inCfg = findDisk(def, target, path)
+	}
+	return w, nil
+}
+
+// ensureConfigDetached makes sure the config lost the disk too: that part
+// of a LIVE|CONFIG detach happens with the live request.
+func (e *Executor) ensureConfigDetached(ctx context.Context, dom libvirt.Domain, disk libvirtxml.DomainDisk) error {
+	def, err := e.domainXML(ctx, dom, libvirt.DomainXMLInactive)
+	if err != nil {
+		return err
+	}
+	if d, still := findDisk(def, diskTarget(disk), ""); still {
+		return e.detachConfig(ctx, dom, d)
+	}
+	return nil
 }
 
 func (e *Executor) detachConfig(ctx context.Context, dom libvirt.Domain, d libvirtxml.DomainDisk) error {
