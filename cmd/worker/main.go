@@ -197,7 +197,7 @@ func keepConnected(conn *vm.Conn) (closeLibvirt func()) {
 }
 
 // handler runs one command on the executor and turns the result into the
-// bus's outcome. The error codes come from vm.Code, their one home.
+// bus's outcome, its error mapped by completionError.
 func handler(ex *vm.Executor) bus.Handler {
 	return func(ctx context.Context, cmd bus.Command) bus.Outcome {
 		action, err := vm.ParseAction(cmd.Action)
@@ -208,7 +208,7 @@ func handler(ex *vm.Executor) bus.Handler {
 				return bus.Outcome{Changed: res.Changed, State: res.State, Detail: res.Detail}
 			}
 		}
-		return bus.Outcome{Err: &bus.Error{Code: vm.Code(err), Message: vm.Message(err)}}
+		return bus.Outcome{Err: completionError(err)}
 	}
 }
 
