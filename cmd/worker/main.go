@@ -61,14 +61,13 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	defer closeNATS()
 
 	conn := vm.NewConn(cfg.LibvirtSocket, cfg.LibvirtURI, cfg.LibvirtTimeout, log)
-	closeLibvirt := keepConnected(conn)
-	defer closeLibvirt()
-
 	w, err := newBusWorker(cfg.config, nc, vm.NewExecutor(conn, vm.Config{Roots: cfg.roots}, log), log, reg)
 	if err != nil {
 		return err
 	}
-	watchLibvirt(conn, w, reg)
+	watchLibvirt(conn, w, reg) // before the connection runs: it reports every change
+	closeLibvirt := keepConnected(conn)
+	defer closeLibvirt()
 
 	api, err := newHTTPAPI(nc, cfg.Host, cfg.Delivery == bus.DeliveryCore, cfg.apiToken)
 	if err != nil {
