@@ -10,6 +10,7 @@ import (
 	"github.com/digitalocean/go-libvirt"
 
 	"github.com/virtbus/virtbus/internal/bus"
+	"github.com/virtbus/virtbus/internal/bus/bustest"
 	"github.com/virtbus/virtbus/internal/testbed"
 )
 
@@ -37,7 +38,7 @@ type backlog struct {
 // VM i starting at step i of the cycle so the VMs end in different states.
 func publishBacklog(t *testing.T, url, host, reply, prefix string, doms []libvirt.Domain, n int) backlog {
 	t.Helper()
-	js := jsFor(t, connect(t, url))
+	js := bustest.JetStream(t, bustest.Connect(t, url))
 	b := backlog{steps: map[string]backlogStep{}, byVM: map[string][]string{}, last: map[string]string{}}
 	for k := range n {
 		for i, d := range doms {
@@ -110,8 +111,8 @@ func createStream(t *testing.T, e env) {
 // runs wait in the stream and all complete, in order, once one starts.
 func TestBacklogPublishedWhileNoWorkerRuns(t *testing.T) {
 	t.Parallel()
-	lv := testbed.RequireLive(t)
-	srv := startNATS(t)
+	lv := testbed.Require(t)
+	srv := bustest.RunServer(t, bus.RunEmbedded, t.TempDir(), -1)
 	url, host := srv.ClientURL(), hostID()
 	doms := []libvirt.Domain{
 		lv.Domain("backlog", testbed.DomainOptions{}),
@@ -120,21 +121,21 @@ func TestBacklogPublishedWhileNoWorkerRuns(t *testing.T) {
 	e := workerEnv(t, url, host)
 	createStream(t, e)
 
-	nc := connect(t, url)
+	nc := bustest.Connect(t, url)
 	inbox := nc.NewInbox()
 	replies := collect(t, nc, inbox)
 	b := publishBacklog(t, url, host, inbox, "idle", doms, 6)
-	if n := streamMsgs(t, jsFor(t, nc)); n != uint64(len(b.ids)) {
+	if n := bustest.StreamMsgs(t, bustest.JetStream(t, nc), bus.StreamName); n != uint64(len(b.ids)) {
 		t.Fatalf("stream holds %d commands, want the %d published", n, len(b.ids))
 	}
-	if got := replies.snapshot(); len(got) != 0 {
-		t.Fatalf("completions before any worker ran: %v", summary(got))
+	if got := replies.Snapshot(); len(got) != 0 {
+		t.Fatalf("completions before any worker ran: %v", got)
 	}
 
 	p := startProcess(t, e.with("VIRTBUS_CONCURRENCY", "2"))
-	got := replies.waitIDs(t, waitTimeout, b.ids...)
+	got := replies.WaitIDs(t, waitTimeout, b.ids...)
 	b.check(t, lv, doms, got, "shutoff")
-	waitStreamEmpty(t, jsFor(t, nc))
+	bustest.WaitStreamEmpty(t, bustest.JetStream(t, nc), waitTimeout, bus.StreamName)
 	if err := p.signal(t, syscall.SIGTERM); err != nil {
 		t.Errorf("worker after SIGTERM: %v, want exit 0", err)
 	}
@@ -147,8 +148,8 @@ func TestBacklogPublishedWhileNoWorkerRuns(t *testing.T) {
 // ends in the state its last command asked for.
 func TestSIGKILLMidBacklog(t *testing.T) {
 	t.Parallel()
-	lv := testbed.RequireLive(t)
-	srv := startNATS(t)
+	lv := testbed.Require(t)
+	srv := bustest.RunServer(t, bus.RunEmbedded, t.TempDir(), -1)
 	url, host := srv.ClientURL(), hostID()
 	var doms []libvirt.Domain
 	for range 3 {
@@ -160,19 +161,19 @@ func TestSIGKILLMidBacklog(t *testing.T) {
 	e := workerEnv(t, url, host).with("VIRTBUS_QUEUE_SIZE", "4")
 	createStream(t, e)
 
-	nc := connect(t, url)
+	nc := bustest.Connect(t, url)
 	inbox := nc.NewInbox()
 	replies := collect(t, nc, inbox)
 	b := publishBacklog(t, url, host, inbox, "kill", doms, 10)
 
 	p := startProcess(t, e)
-	before := replies.waitFor(t, waitTimeout, "the first completions", func(got []received) bool {
+	before := replies.WaitFor(t, waitTimeout, "the first completions", func(got []received) bool {
 		return len(distinctIDs(got)) >= len(b.ids)/5
 	})
 	if err := p.signal(t, syscall.SIGKILL); err == nil {
 		t.Fatal("worker exited 0 after SIGKILL")
 	}
-	done := len(distinctIDs(replies.snapshot()))
+	done := len(distinctIDs(replies.Snapshot()))
 	if done == len(b.ids) {
 		t.Fatalf("all %d commands completed before the kill; the test proves nothing", done)
 	}
@@ -180,7 +181,7 @@ func TestSIGKILLMidBacklog(t *testing.T) {
 
 	start := time.Now()
 	startProcess(t, e.with("VIRTBUS_CONCURRENCY", "3"))
-	got := replies.waitIDs(t, 2*waitTimeout, b.ids...)
+	got := replies.WaitIDs(t, 2*waitTimeout, b.ids...)
 	t.Logf("the restarted worker completed the rest in %s", time.Since(start).Round(time.Millisecond))
 	b.check(t, lv, doms, got, "shutoff")
 	redelivered := 0
@@ -193,7 +194,7 @@ func TestSIGKILLMidBacklog(t *testing.T) {
 	if redelivered == 0 {
 		t.Error("no completion has attempt > 1, yet the killed worker held commands it never answered")
 	}
-	waitStreamEmpty(t, jsFor(t, nc))
+	bustest.WaitStreamEmpty(t, bustest.JetStream(t, nc), waitTimeout, bus.StreamName)
 }
 
 // TestGracefulShutdownFinishesRunningCommand: when run's context ends
@@ -202,15 +203,15 @@ func TestSIGKILLMidBacklog(t *testing.T) {
 // lost, and the next worker answers it.
 func TestGracefulShutdownFinishesRunningCommand(t *testing.T) {
 	t.Parallel()
-	lv := testbed.RequireLive(t)
-	srv := startNATS(t)
+	lv := testbed.Require(t)
+	srv := bustest.RunServer(t, bus.RunEmbedded, t.TempDir(), -1)
 	url, host := srv.ClientURL(), hostID()
 	dom := lv.Domain("graceful", testbed.DomainOptions{Running: true})
 	e := workerEnv(t, url, host)
 	w := startWorker(t, e)
 
-	nc := connect(t, url)
-	js := jsFor(t, nc)
+	nc := bustest.Connect(t, url)
+	js := bustest.JetStream(t, nc)
 	inbox := nc.NewInbox()
 	replies := collect(t, nc, inbox)
 	// The guest ignores ACPI: the stop waits its whole timeout, then
@@ -238,24 +239,24 @@ func TestGracefulShutdownFinishesRunningCommand(t *testing.T) {
 		t.Fatalf("run after its context ended: %v, want nil", err)
 	}
 	// run has returned: the stop's completion is out, and nothing else.
-	r := replies.waitID(t, "long-stop")
+	r := replies.WaitID(t, "long-stop")
 	wantOK(t, r.Completion, true, "shutoff")
 	if r.Detail["forced"] != true {
 		t.Errorf("stop detail %v, want forced=true", r.Detail)
 	}
 	wantState(t, lv, dom, libvirt.DomainShutoff)
-	for _, r := range replies.snapshot() {
+	for _, r := range replies.Snapshot() {
 		if r.ID == "behind-stop" {
 			t.Errorf("the command queued behind the stop was answered by a worker shutting down: %+v", r.Completion)
 		}
 	}
-	if n := streamMsgs(t, js); n != 1 {
+	if n := bustest.StreamMsgs(t, js, bus.StreamName); n != 1 {
 		t.Errorf("stream holds %d commands after the shutdown, want 1 (the one handed back)", n)
 	}
 
 	// The next worker answers the handed-back command.
 	startWorker(t, e)
-	r = replies.waitID(t, "behind-stop")
+	r = replies.WaitID(t, "behind-stop")
 	wantOK(t, r.Completion, false, "shutoff")
-	waitStreamEmpty(t, js)
+	bustest.WaitStreamEmpty(t, js, waitTimeout, bus.StreamName)
 }

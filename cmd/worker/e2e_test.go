@@ -10,6 +10,7 @@ import (
 	"github.com/digitalocean/go-libvirt"
 
 	"github.com/virtbus/virtbus/internal/bus"
+	"github.com/virtbus/virtbus/internal/bus/bustest"
 	"github.com/virtbus/virtbus/internal/testbed"
 	"github.com/virtbus/virtbus/internal/vm"
 )
@@ -53,8 +54,8 @@ func wantState(t *testing.T, lv *testbed.Live, dom libvirt.Domain, want libvirt.
 // libvirt.
 func TestEveryActionThroughPublish(t *testing.T) {
 	t.Parallel()
-	lv := testbed.RequireLive(t)
-	srv := startNATS(t)
+	lv := testbed.Require(t)
+	srv := bustest.RunServer(t, bus.RunEmbedded, t.TempDir(), -1)
 	url, host := srv.ClientURL(), hostID()
 	dom := lv.Domain("actions", testbed.DomainOptions{})
 	img := testbed.DiskImage(t, 16)
@@ -159,8 +160,8 @@ func TestEveryActionThroughPublish(t *testing.T) {
 // left alone.
 func TestErrorsThroughPublish(t *testing.T) {
 	t.Parallel()
-	lv := testbed.RequireLive(t)
-	srv := startNATS(t)
+	lv := testbed.Require(t)
+	srv := bustest.RunServer(t, bus.RunEmbedded, t.TempDir(), -1)
 	url, host := srv.ClientURL(), hostID()
 	dom := lv.Domain("errors", testbed.DomainOptions{})
 	startWorker(t, workerEnv(t, url, host))
@@ -205,8 +206,8 @@ func TestErrorsThroughPublish(t *testing.T) {
 
 	// A body that is not a JSON object cannot come from publish; any other
 	// producer can send one.
-	nc := connect(t, url)
-	js := jsFor(t, nc)
+	nc := bustest.Connect(t, url)
+	js := bustest.JetStream(t, nc)
 	inbox := nc.NewInbox()
 	got := collect(t, nc, inbox)
 	bodies := map[string]string{"bad-json": `{"mode":`, "bad-array": `["force"]`, "bad-text": `force`}
@@ -214,7 +215,7 @@ func TestErrorsThroughPublish(t *testing.T) {
 		command(t, js, host, dom.Name, "stop", id, body, inbox)
 	}
 	for id, body := range bodies {
-		c := got.waitID(t, id).Completion
+		c := got.WaitID(t, id).Completion
 		wantCompletion(t, c, id, host, dom.Name, "stop")
 		if c.Status != bus.StatusError || c.Error == nil || c.Error.Code != bus.CodeInvalid {
 			t.Errorf("body %q: status %q error %+v, want code invalid", body, c.Status, c.Error)
@@ -233,8 +234,8 @@ func TestErrorsThroughPublish(t *testing.T) {
 // before it left.
 func TestPerVMOrderWithConcurrency(t *testing.T) {
 	t.Parallel()
-	lv := testbed.RequireLive(t)
-	srv := startNATS(t)
+	lv := testbed.Require(t)
+	srv := bustest.RunServer(t, bus.RunEmbedded, t.TempDir(), -1)
 	url, host := srv.ClientURL(), hostID()
 	var doms []libvirt.Domain
 	for range 4 {
@@ -242,8 +243,8 @@ func TestPerVMOrderWithConcurrency(t *testing.T) {
 	}
 	startWorker(t, workerEnv(t, url, host).with("VIRTBUS_CONCURRENCY", "4"))
 
-	nc := connect(t, url)
-	js := jsFor(t, nc)
+	nc := bustest.Connect(t, url)
+	js := bustest.JetStream(t, nc)
 	events := collect(t, nc, bus.EventPrefix+"."+host+".>")
 
 	type step struct{ action, body, state string } // state: what it leaves
@@ -269,9 +270,9 @@ func TestPerVMOrderWithConcurrency(t *testing.T) {
 			want[d.Name] = append(want[d.Name], id)
 		}
 	}
-	got := events.waitIDs(t, waitTimeout, ids...)
+	got := events.WaitIDs(t, waitTimeout, ids...)
 	if len(got) != len(ids) {
-		t.Errorf("%d completions for %d commands: %v", len(got), len(ids), summary(got))
+		t.Errorf("%d completions for %d commands: %v", len(got), len(ids), got)
 	}
 
 	byVM := map[string][]received{}
@@ -317,13 +318,13 @@ func TestPerVMOrderWithConcurrency(t *testing.T) {
 // and after the command ran, runs once and is answered once.
 func TestDuplicateMsgIDRunsOnce(t *testing.T) {
 	t.Parallel()
-	lv := testbed.RequireLive(t)
-	srv := startNATS(t)
+	lv := testbed.Require(t)
+	srv := bustest.RunServer(t, bus.RunEmbedded, t.TempDir(), -1)
 	url, host := srv.ClientURL(), hostID()
 	dom := lv.Domain("dup", testbed.DomainOptions{})
 	e := workerEnv(t, url, host)
 	startWorker(t, e)
-	nc := connect(t, url)
+	nc := bustest.Connect(t, url)
 	events := collect(t, nc, bus.EventPrefix+"."+host+".>")
 
 	queued := func(r pubResult) (dup bool) {
@@ -348,7 +349,7 @@ func TestDuplicateMsgIDRunsOnce(t *testing.T) {
 	if !queued(publish(t, url, host, "-wait=false", "-id", "dup-1", "start", dom.Name)) {
 		t.Error("the second copy was not taken for a duplicate")
 	}
-	first := events.waitID(t, "dup-1")
+	first := events.WaitID(t, "dup-1")
 	wantOK(t, first.Completion, true, "running")
 	if !queued(publish(t, url, host, "-wait=false", "-id", "dup-1", "start", dom.Name)) {
 		t.Error("the copy sent after the completion was not taken for a duplicate")
@@ -358,9 +359,9 @@ func TestDuplicateMsgIDRunsOnce(t *testing.T) {
 	// a copy of dup-1 that got through would have been answered too.
 	c := publish(t, url, host, "-id", "dup-barrier", "stop", dom.Name, "mode=force").completion(t, 0)
 	wantOK(t, c, true, "shutoff")
-	events.waitID(t, "dup-barrier")
+	events.WaitID(t, "dup-barrier")
 	n := 0
-	for _, r := range events.snapshot() {
+	for _, r := range events.Snapshot() {
 		if r.ID == "dup-1" {
 			n++
 		}
@@ -382,12 +383,12 @@ func TestDuplicateMsgIDRunsOnce(t *testing.T) {
 // request (what `nats req` sends) gets the completion as its reply.
 func TestCoreModeAnswersPlainRequest(t *testing.T) {
 	t.Parallel()
-	lv := testbed.RequireLive(t)
-	srv := startNATS(t)
+	lv := testbed.Require(t)
+	srv := bustest.RunServer(t, bus.RunEmbedded, t.TempDir(), -1)
 	url, host := srv.ClientURL(), hostID()
 	dom := lv.Domain("core", testbed.DomainOptions{})
 	startWorker(t, workerEnv(t, url, host).with("VIRTBUS_DELIVERY", "core"))
-	nc := connect(t, url)
+	nc := bustest.Connect(t, url)
 
 	m, err := nc.Request(bus.CommandSubject(host, dom.Name, "start"), nil, waitTimeout)
 	if err != nil {

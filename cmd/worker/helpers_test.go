@@ -8,7 +8,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -21,11 +20,11 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/virtbus/virtbus/internal/bus"
+	"github.com/virtbus/virtbus/internal/bus/bustest"
 	"github.com/virtbus/virtbus/internal/testbed"
 )
 
@@ -95,55 +94,10 @@ func (s *syncBuffer) String() string {
 	return s.b.String()
 }
 
-// startNATS runs an embedded NATS server with JetStream for one test, the
-// same one the worker starts when it has no VIRTBUS_NATS_URL.
-func startNATS(t *testing.T) *server.Server {
-	t.Helper()
-	s, err := bus.RunEmbedded(t.TempDir(), "127.0.0.1", -1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		s.Shutdown()
-		s.WaitForShutdown()
-	})
-	return s
-}
-
-func connect(t *testing.T, url string) *nats.Conn {
-	t.Helper()
-	nc, err := nats.Connect(url, nats.Name("virtbus-worker-test"))
-	if err != nil {
-		t.Fatalf("connect %s: %v", url, err)
-	}
-	t.Cleanup(nc.Close)
-	return nc
-}
-
-func jsFor(t *testing.T, nc *nats.Conn) jetstream.JetStream {
-	t.Helper()
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return js
-}
-
-// freeAddr picks a free loopback port for VIRTBUS_METRICS_ADDR or
+// freeAddr picks a free loopback address for VIRTBUS_METRICS_ADDR or
 // VIRTBUS_API_ADDR, which take a fixed address (the worker does not report
 // the port of ":0").
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	if err := ln.Close(); err != nil {
-		t.Fatal(err)
-	}
-	return addr
-}
+var freeAddr = bustest.FreeAddr
 
 // env is a worker's environment: getenv for an in-process run, list for a
 // subprocess.
@@ -464,105 +418,33 @@ type received struct {
 	raw map[string]any // the whole message, to compare copies of a completion
 }
 
-// collector gathers every completion published to one subject, in arrival
-// order.
-type collector struct {
-	mu      sync.Mutex
-	all     []received
-	bad     []string
-	changed chan struct{} // closed and replaced on every arrival
+// String is the completion in brief, for failure messages.
+func (r received) String() string {
+	s := fmt.Sprintf("%s:%s/%s=%s", r.ID, r.VM, r.Action, r.Status)
+	if r.Error != nil {
+		s += "(" + r.Error.Code + ")"
+	}
+	return s
 }
 
-// collect subscribes to subject (wildcards allowed) before anything is
-// published, and keeps what arrives until the test ends.
-func collect(t *testing.T, nc *nats.Conn, subject string) *collector {
+// collect gathers every completion published to subject (wildcards
+// allowed), in arrival order, from before anything is published until the
+// test ends. A message that is not a completion with an id fails the test.
+func collect(t *testing.T, nc *nats.Conn, subject string) *bustest.Collector[received] {
 	t.Helper()
-	c := &collector{changed: make(chan struct{})}
-	sub, err := nc.Subscribe(subject, func(m *nats.Msg) {
+	return bustest.Collect(t, nc, subject, waitTimeout, func(m *nats.Msg) (received, string, error) {
 		var r received
-		errC := json.Unmarshal(m.Data, &r.Completion)
-		errR := json.Unmarshal(m.Data, &r.raw)
-		c.mu.Lock()
-		defer c.mu.Unlock()
-		if errC != nil || errR != nil || r.ID == "" {
-			c.bad = append(c.bad, string(m.Data))
-		} else {
-			c.all = append(c.all, r)
+		if err := json.Unmarshal(m.Data, &r.Completion); err != nil {
+			return r, "", err
 		}
-		close(c.changed)
-		c.changed = make(chan struct{})
+		if err := json.Unmarshal(m.Data, &r.raw); err != nil {
+			return r, "", err
+		}
+		if r.ID == "" {
+			return r, "", errors.New("completion without an id")
+		}
+		return r, r.ID, nil
 	})
-	if err != nil {
-		t.Fatalf("subscribe %s: %v", subject, err)
-	}
-	if err := sub.SetPendingLimits(-1, -1); err != nil {
-		t.Fatal(err)
-	}
-	// The server must know the subscription before the first command goes
-	// out, or a fast completion is missed.
-	if err := nc.Flush(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		_ = sub.Unsubscribe()
-		c.mu.Lock()
-		defer c.mu.Unlock()
-		for _, b := range c.bad {
-			t.Errorf("a message on %s is not a completion: %s", subject, b)
-		}
-	})
-	return c
-}
-
-func (c *collector) snapshot() []received {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return slices.Clone(c.all)
-}
-
-// waitFor waits until done holds for what has arrived, and returns that.
-func (c *collector) waitFor(t *testing.T, timeout time.Duration, what string, done func([]received) bool) []received {
-	t.Helper()
-	timer := time.NewTimer(timeout)
-	defer timer.Stop()
-	for {
-		c.mu.Lock()
-		got, changed := slices.Clone(c.all), c.changed
-		c.mu.Unlock()
-		if done(got) {
-			return got
-		}
-		select {
-		case <-changed:
-		case <-timer.C:
-			t.Fatalf("timed out after %s waiting for %s; %d completions arrived: %v", timeout, what, len(got), summary(got))
-		}
-	}
-}
-
-// waitIDs waits until every id has at least one completion.
-func (c *collector) waitIDs(t *testing.T, timeout time.Duration, ids ...string) []received {
-	t.Helper()
-	return c.waitFor(t, timeout, fmt.Sprintf("completions of %d commands", len(ids)), func(got []received) bool {
-		seen := distinctIDs(got)
-		for _, id := range ids {
-			if !seen[id] {
-				return false
-			}
-		}
-		return true
-	})
-}
-
-// waitID waits for the completion of id and returns its first copy.
-func (c *collector) waitID(t *testing.T, id string) received {
-	t.Helper()
-	for _, r := range c.waitIDs(t, waitTimeout, id) {
-		if r.ID == id {
-			return r
-		}
-	}
-	panic("unreachable")
 }
 
 func distinctIDs(got []received) map[string]bool {
@@ -571,49 +453,4 @@ func distinctIDs(got []received) map[string]bool {
 		seen[r.ID] = true
 	}
 	return seen
-}
-
-func summary(got []received) []string {
-	out := make([]string, 0, len(got))
-	for _, r := range got {
-		s := fmt.Sprintf("%s:%s/%s=%s", r.ID, r.VM, r.Action, r.Status)
-		if r.Error != nil {
-			s += "(" + r.Error.Code + ")"
-		}
-		out = append(out, s)
-	}
-	return out
-}
-
-// streamMsgs is how many commands the stream still holds (WorkQueue: not
-// yet acked).
-func streamMsgs(t *testing.T, js jetstream.JetStream) uint64 {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
-	defer cancel()
-	s, err := js.Stream(ctx, bus.StreamName)
-	if err != nil {
-		t.Fatalf("stream %s: %v", bus.StreamName, err)
-	}
-	info, err := s.Info(ctx)
-	if err != nil {
-		t.Fatalf("stream %s info: %v", bus.StreamName, err)
-	}
-	return info.State.Msgs
-}
-
-// waitStreamEmpty waits until every command in the stream has been acked.
-func waitStreamEmpty(t *testing.T, js jetstream.JetStream) {
-	t.Helper()
-	deadline := time.Now().Add(waitTimeout)
-	for {
-		n := streamMsgs(t, js)
-		if n == 0 {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("stream %s still holds %d commands after %s", bus.StreamName, n, waitTimeout)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
 }

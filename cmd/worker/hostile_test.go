@@ -13,6 +13,7 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/virtbus/virtbus/internal/bus"
+	"github.com/virtbus/virtbus/internal/bus/bustest"
 	"github.com/virtbus/virtbus/internal/testbed"
 )
 
@@ -24,15 +25,15 @@ import (
 // stop runs and libvirt shows the VM shut off.
 func TestHostileTenantCannotHurtOthers(t *testing.T) {
 	t.Parallel()
-	lv := testbed.RequireLive(t)
-	srv := startNATS(t)
+	lv := testbed.Require(t)
+	srv := bustest.RunServer(t, bus.RunEmbedded, t.TempDir(), -1)
 	url, host := srv.ClientURL(), hostID()
 	victim := lv.Domain("victim", testbed.DomainOptions{Running: true})
 	attacker := lv.Domain("attacker", testbed.DomainOptions{Running: true})
 	e := workerEnv(t, url, host)
 	startWorker(t, e)
-	nc := connect(t, url)
-	js := jsFor(t, nc)
+	nc := bustest.Connect(t, url)
+	js := bustest.JetStream(t, nc)
 	events := collect(t, nc, bus.EventPrefix+"."+host+".>")
 	injected := make(chan *nats.Msg, 16)
 	sub, err := nc.ChanSubscribe(bus.CommandPrefix+"."+host+"."+victim.Name+".>", injected)
@@ -50,7 +51,7 @@ func TestHostileTenantCannotHurtOthers(t *testing.T) {
 	for _, a := range attacks {
 		command(t, js, host, attacker.Name, "status", a.id, "", a.reply)
 	}
-	got := events.waitFor(t, waitTimeout, "one completion per attack", func(got []received) bool { return len(got) >= len(attacks) })
+	got := events.WaitFor(t, waitTimeout, "one completion per attack", func(got []received) bool { return len(got) >= len(attacks) })
 	for _, c := range got {
 		if c.VM != attacker.Name || c.Status != bus.StatusError || c.Error == nil || c.Error.Code != bus.CodeInvalid {
 			t.Errorf("completion %+v: want an invalid error on the attacker's VM", c.Completion)
@@ -73,13 +74,13 @@ func TestHostileTenantCannotHurtOthers(t *testing.T) {
 	}
 
 	command(t, js, host, victim.Name, "stop", "victim-stop", `{"mode":"force"}`, "")
-	if c := events.waitID(t, "victim-stop"); c.Status != bus.StatusOK || c.State != "shutoff" {
+	if c := events.WaitID(t, "victim-stop"); c.Status != bus.StatusOK || c.State != "shutoff" {
 		t.Errorf("victim's stop: %+v", c.Completion)
 	}
 	wantState(t, lv, victim, libvirt.DomainShutoff)
 	wantState(t, lv, attacker, libvirt.DomainRunning)
 	n := 0
-	for _, c := range events.snapshot() {
+	for _, c := range events.Snapshot() {
 		if c.VM == attacker.Name {
 			n++
 		}
@@ -94,7 +95,7 @@ func TestHostileTenantCannotHurtOthers(t *testing.T) {
 // the process exits non-zero and systemd restarts it.
 func TestWorkerExitsWhenNATSClosesForGood(t *testing.T) {
 	t.Parallel()
-	testbed.RequireLive(t)
+	testbed.Require(t)
 	dir := t.TempDir()
 	opts := func(port int, password string) *server.Options {
 		return &server.Options{Host: "127.0.0.1", Port: port, JetStream: true, StoreDir: dir,

@@ -14,6 +14,7 @@ import (
 	"github.com/digitalocean/go-libvirt"
 
 	"github.com/virtbus/virtbus/internal/bus"
+	"github.com/virtbus/virtbus/internal/bus/bustest"
 	"github.com/virtbus/virtbus/internal/testbed"
 )
 
@@ -49,8 +50,8 @@ func answer(t *testing.T, wantCode int) func(code int, body string) bus.Completi
 // other, read-only listener.
 func TestHTTPAPI(t *testing.T) {
 	t.Parallel()
-	lv := testbed.RequireLive(t)
-	srv := startNATS(t)
+	lv := testbed.Require(t)
+	srv := bustest.RunServer(t, bus.RunEmbedded, t.TempDir(), -1)
 	host := hostID()
 	dom := lv.Domain("http", testbed.DomainOptions{})
 	e := workerEnv(t, srv.ClientURL(), host)
@@ -103,7 +104,7 @@ func TestHTTPAPI(t *testing.T) {
 	wantState(t, lv, dom, libvirt.DomainRunning)
 
 	// Without ?wait the command is only queued: 202 with its id.
-	nc := connect(t, srv.ClientURL())
+	nc := bustest.Connect(t, srv.ClientURL())
 	events := collect(t, nc, bus.EventPrefix+"."+host+".>")
 	code, body := httpDo(t, "POST", cmdURL(dom.Name, "stop", ""), jsonHeader("Idempotency-Key", "http-stop"), `{"mode":"force"}`)
 	var queued struct {
@@ -112,7 +113,7 @@ func TestHTTPAPI(t *testing.T) {
 	if code != http.StatusAccepted || json.Unmarshal([]byte(body), &queued) != nil || queued.ID != "http-stop" {
 		t.Fatalf("POST stop without wait = %d %q, want 202 with id http-stop", code, body)
 	}
-	wantOK(t, events.waitID(t, "http-stop").Completion, true, "shutoff")
+	wantOK(t, events.WaitID(t, "http-stop").Completion, true, "shutoff")
 	wantState(t, lv, dom, libvirt.DomainShutoff)
 
 	for _, tt := range []struct {
@@ -187,8 +188,8 @@ func TestHTTPAPI(t *testing.T) {
 // worker keeps serving.
 func TestHTTPAPIRefusesHostileInput(t *testing.T) {
 	t.Parallel()
-	lv := testbed.RequireLive(t)
-	srv := startNATS(t)
+	lv := testbed.Require(t)
+	srv := bustest.RunServer(t, bus.RunEmbedded, t.TempDir(), -1)
 	host := hostID()
 	dom := lv.Domain("hostile", testbed.DomainOptions{Running: true})
 	e := workerEnv(t, srv.ClientURL(), host)
@@ -249,8 +250,8 @@ func TestHTTPAPIRefusesHostileInput(t *testing.T) {
 // loopback, and answers only requests that carry the token.
 func TestHTTPAPIToken(t *testing.T) {
 	t.Parallel()
-	lv := testbed.RequireLive(t)
-	srv := startNATS(t)
+	lv := testbed.Require(t)
+	srv := bustest.RunServer(t, bus.RunEmbedded, t.TempDir(), -1)
 	host := hostID()
 	dom := lv.Domain("token", testbed.DomainOptions{})
 	tokenFile := filepath.Join(t.TempDir(), "api-token")
@@ -301,8 +302,8 @@ func TestHTTPAPIToken(t *testing.T) {
 // not even the default one, while metrics are served.
 func TestHTTPAPIOff(t *testing.T) {
 	t.Parallel()
-	testbed.RequireLive(t)
-	srv := startNATS(t)
+	testbed.Require(t)
+	srv := bustest.RunServer(t, bus.RunEmbedded, t.TempDir(), -1)
 	const defaultAPI = "127.0.0.1:9481"
 	ln, err := net.Listen("tcp", defaultAPI)
 	if err != nil {
@@ -330,8 +331,8 @@ func TestHTTPAPIOff(t *testing.T) {
 // reply in its own inbox), and maps the completion's code the same way.
 func TestHTTPAPICore(t *testing.T) {
 	t.Parallel()
-	lv := testbed.RequireLive(t)
-	srv := startNATS(t)
+	lv := testbed.Require(t)
+	srv := bustest.RunServer(t, bus.RunEmbedded, t.TempDir(), -1)
 	host := hostID()
 	dom := lv.Domain("http-core", testbed.DomainOptions{})
 	e := workerEnv(t, srv.ClientURL(), host).with("VIRTBUS_DELIVERY", "core")

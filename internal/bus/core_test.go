@@ -8,11 +8,13 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+
+	"github.com/virtbus/virtbus/internal/bus/bustest"
 )
 
 func TestCoreModeAnswersRequest(t *testing.T) {
 	t.Parallel()
-	s := startServer(t, t.TempDir(), -1)
+	s := bustest.RunServer(t, RunEmbedded, t.TempDir(), -1)
 	nc := connect(t, s.ClientURL())
 	c := newCalls()
 	startWorker(t, connect(t, s.ClientURL()), Config{Delivery: DeliveryCore, MaxDeliver: 2, RetryBackoff: time.Millisecond},
@@ -58,7 +60,7 @@ func TestCoreModeAnswersRequest(t *testing.T) {
 			if tc.wantCode != "" && (got.Error == nil || got.Error.Code != tc.wantCode) {
 				t.Errorf("error %+v, want code %s", got.Error, tc.wantCode)
 			}
-			if ev := events.wait(t, got.ID); ev.Status != got.Status {
+			if ev := events.WaitID(t, got.ID); ev.Status != got.Status {
 				t.Errorf("event %+v differs from reply %+v", ev, got)
 			}
 		})
@@ -91,7 +93,7 @@ func coreRequests(t *testing.T, nc *nats.Conn, ids []string) <-chan Completion {
 func TestCoreModeBackPressure(t *testing.T) {
 	t.Parallel()
 	const total = 8
-	s := startServer(t, t.TempDir(), -1)
+	s := bustest.RunServer(t, RunEmbedded, t.TempDir(), -1)
 	nc := connect(t, s.ClientURL())
 	release := make(chan struct{})
 	c := newCalls()
@@ -121,7 +123,7 @@ func TestCoreModeBackPressure(t *testing.T) {
 
 func TestCoreModeShutdownAnswersQueued(t *testing.T) {
 	t.Parallel()
-	s := startServer(t, t.TempDir(), -1)
+	s := bustest.RunServer(t, RunEmbedded, t.TempDir(), -1)
 	nc := connect(t, s.ClientURL())
 	release := make(chan struct{})
 	c := newCalls()

@@ -5,15 +5,15 @@ import (
 	"encoding/json"
 	"fmt"
 	"log/slog"
-	"net"
 	"sync"
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/virtbus/virtbus/internal/bus/bustest"
 )
 
 const testHost = "hv1"
@@ -26,43 +26,15 @@ var testActions = []string{"start", "stop", "reboot", "attach-disk", "detach-dis
 // readable failure; nothing is asserted about how long anything takes.
 const waitTimeout = 20 * time.Second
 
-// startServer runs a real embedded NATS server with JetStream for one test.
-func startServer(t *testing.T, dir string, port int) *server.Server {
-	t.Helper()
-	s, err := RunEmbedded(dir, "127.0.0.1", port)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		s.Shutdown()
-		s.WaitForShutdown()
-	})
-	return s
-}
-
 // connect dials like the worker does (reconnect forever), with a short
 // reconnect wait so that restarts in tests are quick.
 func connect(t *testing.T, url string) *nats.Conn {
 	t.Helper()
-	nc, err := nats.Connect(url,
+	return bustest.Connect(t, url,
 		nats.MaxReconnects(-1),
 		nats.ReconnectWait(50*time.Millisecond),
 		nats.RetryOnFailedConnect(true),
 	)
-	if err != nil {
-		t.Fatalf("connect %s: %v", url, err)
-	}
-	t.Cleanup(nc.Close)
-	return nc
-}
-
-func jsFor(t *testing.T, nc *nats.Conn) jetstream.JetStream {
-	t.Helper()
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return js
 }
 
 func testLogger(t *testing.T) *slog.Logger {
@@ -134,13 +106,7 @@ func startWorker(t *testing.T, nc *nats.Conn, cfg Config, h Handler) *runningWor
 // waitFor polls cond until it holds.
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(waitTimeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	bustest.Eventually(t, waitTimeout, what, cond)
 }
 
 // publishCmd publishes a command the way producers should: with JetStream,
@@ -162,114 +128,26 @@ func publishCmd(t *testing.T, js jetstream.JetStream, vm, action, id, body, repl
 	return ack
 }
 
-// completions collects the completions published on subject.
-type completions struct {
-	nc *nats.Conn
-	ch chan *nats.Msg
-
-	mu   sync.Mutex
-	byID map[string][]Completion
-	all  []Completion
-}
-
-func collect(t *testing.T, nc *nats.Conn, subject string) *completions {
+// collect gathers the completions published on subject.
+func collect(t *testing.T, nc *nats.Conn, subject string) *bustest.Collector[Completion] {
 	t.Helper()
-	c := &completions{nc: nc, ch: make(chan *nats.Msg, 4096), byID: map[string][]Completion{}}
-	sub, err := nc.ChanSubscribe(subject, c.ch)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = sub.Unsubscribe() })
-	if err := nc.Flush(); err != nil {
-		t.Fatal(err)
-	}
-	return c
-}
-
-// drain moves what has arrived into the maps.
-func (c *completions) drain(t *testing.T) {
-	t.Helper()
-	for {
-		select {
-		case m := <-c.ch:
-			var comp Completion
-			if err := json.Unmarshal(m.Data, &comp); err != nil {
-				t.Errorf("completion on %s is not JSON: %v: %s", m.Subject, err, m.Data)
-				continue
-			}
-			c.mu.Lock()
-			c.byID[comp.ID] = append(c.byID[comp.ID], comp)
-			c.all = append(c.all, comp)
-			c.mu.Unlock()
-		default:
-			return
-		}
-	}
-}
-
-// wait returns the first completion of id.
-func (c *completions) wait(t *testing.T, id string) Completion {
-	t.Helper()
-	var got Completion
-	waitFor(t, "completion "+id, func() bool {
-		c.drain(t)
-		c.mu.Lock()
-		defer c.mu.Unlock()
-		if len(c.byID[id]) == 0 {
-			return false
-		}
-		got = c.byID[id][0]
-		return true
+	return bustest.Collect(t, nc, subject, waitTimeout, func(m *nats.Msg) (Completion, string, error) {
+		var c Completion
+		err := json.Unmarshal(m.Data, &c)
+		return c, c.ID, err
 	})
-	return got
 }
 
-// settled returns everything received for id once the server has handed
-// over all that was published before this call: a flush round trip is
-// answered only after the messages routed to us ahead of it.
-func (c *completions) settled(t *testing.T, id string) []Completion {
-	t.Helper()
-	if err := c.nc.Flush(); err != nil {
-		t.Fatal(err)
-	}
-	c.drain(t)
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return append([]Completion(nil), c.byID[id]...)
-}
-
+// consumerInfo is the state of the test host's consumer.
 func consumerInfo(t *testing.T, js jetstream.JetStream) *jetstream.ConsumerInfo {
 	t.Helper()
-	cons, err := js.Consumer(t.Context(), StreamName, ConsumerName(testHost))
-	if err != nil {
-		t.Fatal(err)
-	}
-	info, err := cons.Info(t.Context())
-	if err != nil {
-		t.Fatal(err)
-	}
-	return info
-}
-
-func streamMsgs(t *testing.T, js jetstream.JetStream) uint64 {
-	t.Helper()
-	s, err := js.Stream(t.Context(), StreamName)
-	if err != nil {
-		t.Fatal(err)
-	}
-	info, err := s.Info(t.Context())
-	if err != nil {
-		t.Fatal(err)
-	}
-	return info.State.Msgs
+	return bustest.ConsumerInfo(t, js, StreamName, ConsumerName(testHost))
 }
 
 // waitStreamEmpty waits until every command was acked.
 func waitStreamEmpty(t *testing.T, js jetstream.JetStream) {
 	t.Helper()
-	waitFor(t, "stream to empty", func() bool {
-		return streamMsgs(t, js) == 0 && consumerInfo(t, js).NumAckPending == 0
-	})
+	bustest.WaitStreamEmpty(t, js, waitTimeout, StreamName, ConsumerName(testHost))
 }
 
 // calls counts handler calls per command id and keeps the commands seen.
@@ -366,26 +244,6 @@ func checkCounter(t *testing.T, reg *prometheus.Registry, want float64, name str
 	if got != want {
 		t.Errorf("%s%v = %v, want %v", name, labels, got, want)
 	}
-}
-
-// freePort finds a port nothing listens on, for a server started later.
-func freePort(t *testing.T) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
-
-func serverPort(t *testing.T, s *server.Server) int {
-	t.Helper()
-	addr, ok := s.Addr().(*net.TCPAddr)
-	if !ok {
-		t.Fatalf("server address %v", s.Addr())
-	}
-	return addr.Port
 }
 
 func okHandler(c *calls) Handler {

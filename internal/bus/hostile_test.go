@@ -13,6 +13,8 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/virtbus/virtbus/internal/bus/bustest"
 )
 
 // Each hostile message ends in exactly one invalid completion on an event
@@ -20,9 +22,9 @@ import (
 // worker's connection stays up, and the next good command runs.
 func TestHostileMessagesEndInOneInvalidCompletion(t *testing.T) {
 	t.Parallel()
-	s := startServer(t, t.TempDir(), -1)
+	s := bustest.RunServer(t, RunEmbedded, t.TempDir(), -1)
 	nc := connect(t, s.ClientURL())
-	js := jsFor(t, nc)
+	js := bustest.JetStream(t, nc)
 	c := newCalls()
 	workerNC := connect(t, s.ClientURL())
 	startWorker(t, workerNC, Config{}, okHandler(c))
@@ -76,8 +78,8 @@ func TestHostileMessagesEndInOneInvalidCompletion(t *testing.T) {
 	if n := c.total(); n != 0 {
 		t.Errorf("handler ran %d hostile commands", n)
 	}
-	if all := injected.settled(t, ""); len(injected.all) != 0 {
-		t.Errorf("%d messages injected onto web-2's command subject (%v)", len(injected.all), all)
+	if all := injected.Settled(t); len(all) != 0 {
+		t.Errorf("%d messages injected onto web-2's command subject (%v)", len(all), all)
 	}
 	kv, err := js.KeyValue(t.Context(), RecordBucket)
 	if err != nil {
@@ -90,25 +92,21 @@ func TestHostileMessagesEndInOneInvalidCompletion(t *testing.T) {
 		t.Errorf("worker connection: connected %v after %d reconnects", workerNC.IsConnected(), workerNC.Stats().Reconnects)
 	}
 	publishCmd(t, js, "web-1", "start", "good-after", "", "")
-	if got := events.wait(t, "good-after"); got.Status != StatusOK {
+	if got := events.WaitID(t, "good-after"); got.Status != StatusOK {
 		t.Errorf("good command after the hostile ones: %+v", got)
 	}
 }
 
-// invalidCompletions drains events and returns the invalid ones not seen
-// by an earlier call.
-func invalidCompletions(t *testing.T, events *completions) []Completion {
+// invalidCompletions settles events and returns the invalid completions
+// not seen by an earlier call.
+func invalidCompletions(t *testing.T, events *bustest.Collector[Completion]) []Completion {
 	t.Helper()
-	events.settled(t, "")
-	events.mu.Lock()
-	defer events.mu.Unlock()
 	var out []Completion
-	for _, c := range events.all {
+	for _, c := range events.TakeSettled(t) {
 		if c.Error != nil && c.Error.Code == CodeInvalid {
 			out = append(out, c)
 		}
 	}
-	events.all = events.all[:0]
 	return out
 }
 
@@ -117,9 +115,9 @@ func invalidCompletions(t *testing.T, events *completions) []Completion {
 // a new command.
 func TestIDLessCommandsAreNeverAnsweredFromAnotherRecord(t *testing.T) {
 	t.Parallel()
-	s := startServer(t, t.TempDir(), -1)
+	s := bustest.RunServer(t, RunEmbedded, t.TempDir(), -1)
 	nc := connect(t, s.ClientURL())
-	js := jsFor(t, nc)
+	js := bustest.JetStream(t, nc)
 	c := newCalls()
 	w := startWorker(t, connect(t, s.ClientURL()), Config{}, okHandler(c))
 	events := collect(t, nc, EventPrefix+".>")
@@ -148,32 +146,19 @@ func TestIDLessCommandsAreNeverAnsweredFromAnotherRecord(t *testing.T) {
 	}
 }
 
-func waitOne(t *testing.T, events *completions, vm string) Completion {
+// waitOne waits for a completion for vm that no earlier call returned.
+func waitOne(t *testing.T, events *bustest.Collector[Completion], vm string) Completion {
 	t.Helper()
-	var got Completion
-	waitFor(t, "a completion for "+vm, func() bool {
-		events.drain(t)
-		events.mu.Lock()
-		defer events.mu.Unlock()
-		for i, c := range events.all {
-			if c.VM == vm {
-				got = c
-				events.all = append(events.all[:i], events.all[i+1:]...)
-				return true
-			}
-		}
-		return false
-	})
-	return got
+	return events.Take(t, "a completion for "+vm, func(c Completion) bool { return c.VM == vm })
 }
 
 // An id reused for another command ends that command in conflict without
 // running it; the first command's record is kept.
 func TestIDReusedForAnotherCommandConflicts(t *testing.T) {
 	t.Parallel()
-	s := startServer(t, t.TempDir(), -1)
+	s := bustest.RunServer(t, RunEmbedded, t.TempDir(), -1)
 	nc := connect(t, s.ClientURL())
-	js := jsFor(t, nc)
+	js := bustest.JetStream(t, nc)
 	c := newCalls()
 	// A short duplicate window, so the stream lets the second copy through
 	// and the record is what must catch it.
@@ -182,12 +167,12 @@ func TestIDReusedForAnotherCommandConflicts(t *testing.T) {
 	victim := collect(t, nc, EventPrefix+".hv1.web-2.>")
 
 	publishCmd(t, js, "web-1", "status", "shared-id", "", "")
-	if got := events.wait(t, "shared-id"); got.Status != StatusOK {
+	if got := events.WaitID(t, "shared-id"); got.Status != StatusOK {
 		t.Fatalf("first command: %+v", got)
 	}
 	time.Sleep(300 * time.Millisecond)
 	publishCmd(t, js, "web-2", "stop", "shared-id", "", "")
-	got := victim.wait(t, "shared-id")
+	got := victim.WaitID(t, "shared-id")
 	if got.Status != StatusError || got.Error.Code != CodeConflict || got.VM != "web-2" || got.Action != "stop" {
 		t.Errorf("reused id: %+v, want a conflict for web-2 stop", got)
 	}
@@ -228,7 +213,7 @@ func TestConnectionClosedForGoodEndsRun(t *testing.T) {
 			Username: "hv1", Password: password, NoLog: true, NoSigs: true}
 	}
 	s := runServer(t, opts(-1, "old"))
-	port := serverPort(t, s)
+	port := bustest.ServerPort(t, s)
 	nc, err := nats.Connect(s.ClientURL(), nats.UserInfo("hv1", "old"), nats.MaxReconnects(-1),
 		nats.ReconnectWait(20*time.Millisecond))
 	if err != nil {
@@ -272,9 +257,9 @@ func runServer(t *testing.T, o *server.Options) *server.Server {
 // the start.
 func TestBogusActionsAddNoSeries(t *testing.T) {
 	t.Parallel()
-	s := startServer(t, t.TempDir(), -1)
+	s := bustest.RunServer(t, RunEmbedded, t.TempDir(), -1)
 	nc := connect(t, s.ClientURL())
-	js := jsFor(t, nc)
+	js := bustest.JetStream(t, nc)
 	// Like the worker's executor, the handler refuses what it does not know.
 	w := startWorker(t, connect(t, s.ClientURL()), Config{QueueSize: 256}, func(_ context.Context, cmd Command) Outcome {
 		if !slices.Contains(testActions, cmd.Action) {
@@ -347,9 +332,9 @@ func seriesCount(t *testing.T, reg *prometheus.Registry, name string, labels ...
 // ends the command in one completion, and the worker goes on.
 func TestPanicsEndInOneCompletion(t *testing.T) {
 	t.Parallel()
-	s := startServer(t, t.TempDir(), -1)
+	s := bustest.RunServer(t, RunEmbedded, t.TempDir(), -1)
 	nc := connect(t, s.ClientURL())
-	js := jsFor(t, nc)
+	js := bustest.JetStream(t, nc)
 	w := newWorker(t, connect(t, s.ClientURL()), Config{MaxDeliver: 1}, func(_ context.Context, cmd Command) Outcome {
 		if cmd.VM == "bad-handler" {
 			panic("handler bug")
@@ -369,20 +354,20 @@ func TestPanicsEndInOneCompletion(t *testing.T) {
 	publishCmd(t, js, "bad-handler", "start", "p-handler", "", "")
 	publishCmd(t, js, "bad-bus", "start", "p-bus", "", "")
 	publishCmd(t, js, "good", "start", "p-good", "", "")
-	if got := events.wait(t, "p-handler"); got.Status != StatusError || got.Error.Code != CodeUnavailable || !strings.Contains(got.Error.Message, "panic") {
+	if got := events.WaitID(t, "p-handler"); got.Status != StatusError || got.Error.Code != CodeUnavailable || !strings.Contains(got.Error.Message, "panic") {
 		t.Errorf("handler panic: %+v", got)
 	}
 	// The panic came after the ok completion was recorded: that record is
 	// the answer.
-	if got := events.wait(t, "p-bus"); got.Status != StatusOK {
+	if got := events.WaitID(t, "p-bus"); got.Status != StatusOK {
 		t.Errorf("panic after the record: %+v, want the recorded ok", got)
 	}
-	if got := events.wait(t, "p-good"); got.Status != StatusOK {
+	if got := events.WaitID(t, "p-good"); got.Status != StatusOK {
 		t.Errorf("good command after the panics: %+v", got)
 	}
 	waitStreamEmpty(t, js)
 	for _, id := range []string{"p-handler", "p-bus", "p-good"} {
-		if n := len(events.settled(t, id)); n != 1 {
+		if n := len(events.SettledID(t, id)); n != 1 {
 			t.Errorf("%s: %d completions, want 1", id, n)
 		}
 	}

@@ -13,6 +13,8 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/virtbus/virtbus/internal/bus/bustest"
 )
 
 func TestCompletionOnEventAndReplySubjects(t *testing.T) {
@@ -39,9 +41,9 @@ func TestCompletionOnEventAndReplySubjects(t *testing.T) {
 			want:    Completion{Status: StatusError, State: "running", Error: &Error{Code: CodeNotFound, Message: "no domain web-2"}},
 		},
 	}
-	s := startServer(t, t.TempDir(), -1)
+	s := bustest.RunServer(t, RunEmbedded, t.TempDir(), -1)
 	nc := connect(t, s.ClientURL())
-	js := jsFor(t, nc)
+	js := bustest.JetStream(t, nc)
 	c := newCalls()
 	outcomes := map[string]Outcome{}
 	for _, tc := range tests {
@@ -59,7 +61,7 @@ func TestCompletionOnEventAndReplySubjects(t *testing.T) {
 			replies := collect(t, nc, "virtbus.reply.test."+tc.name)
 			publishCmd(t, js, tc.vm, "stop", cmdID, tc.body, "virtbus.reply.test."+tc.name)
 
-			for _, got := range []Completion{events.wait(t, cmdID), replies.wait(t, cmdID)} {
+			for _, got := range []Completion{events.WaitID(t, cmdID), replies.WaitID(t, cmdID)} {
 				if got.ID != cmdID || got.Host != testHost || got.VM != tc.vm || got.Action != "stop" || got.Attempt != 1 {
 					t.Errorf("identity fields: %+v", got)
 				}
@@ -126,9 +128,9 @@ func TestCompletionOnEventAndReplySubjects(t *testing.T) {
 
 func TestAckOnlyAfterCompletion(t *testing.T) {
 	t.Parallel()
-	s := startServer(t, t.TempDir(), -1)
+	s := bustest.RunServer(t, RunEmbedded, t.TempDir(), -1)
 	nc := connect(t, s.ClientURL())
-	js := jsFor(t, nc)
+	js := bustest.JetStream(t, nc)
 	started := make(chan struct{})
 	release := make(chan struct{})
 	startWorker(t, connect(t, s.ClientURL()), Config{}, func(context.Context, Command) Outcome {
@@ -149,15 +151,15 @@ func TestAckOnlyAfterCompletion(t *testing.T) {
 	if got := consumerInfo(t, js).NumAckPending; got != 1 {
 		t.Errorf("NumAckPending = %d while the handler runs, want 1", got)
 	}
-	if got := streamMsgs(t, js); got != 1 {
+	if got := bustest.StreamMsgs(t, js, StreamName); got != 1 {
 		t.Errorf("stream holds %d messages while the handler runs, want 1", got)
 	}
-	if got := events.settled(t, "slow-1"); len(got) != 0 {
+	if got := events.SettledID(t, "slow-1"); len(got) != 0 {
 		t.Errorf("completion published before the handler returned: %+v", got)
 	}
 
 	close(release)
-	events.wait(t, "slow-1")
+	events.WaitID(t, "slow-1")
 	waitStreamEmpty(t, js)
 }
 
@@ -173,9 +175,9 @@ func TestInvalidCommandEndsInOneCompletion(t *testing.T) {
 		{name: "json string", vm: "web-3", body: `"start"`},
 		{name: "not json", vm: "web-4", body: `mode=force`},
 	}
-	s := startServer(t, t.TempDir(), -1)
+	s := bustest.RunServer(t, RunEmbedded, t.TempDir(), -1)
 	nc := connect(t, s.ClientURL())
-	js := jsFor(t, nc)
+	js := bustest.JetStream(t, nc)
 	c := newCalls()
 	w := startWorker(t, connect(t, s.ClientURL()), Config{}, okHandler(c))
 	events := collect(t, nc, EventPrefix+".>")
@@ -184,12 +186,12 @@ func TestInvalidCommandEndsInOneCompletion(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			cmdID := id("bad", i)
 			publishCmd(t, js, tc.vm, "stop", cmdID, tc.body, "")
-			got := events.wait(t, cmdID)
+			got := events.WaitID(t, cmdID)
 			if got.Status != StatusError || got.Error == nil || got.Error.Code != CodeInvalid || got.VM != tc.vm {
 				t.Errorf("completion %+v, want an invalid error for %s", got, tc.vm)
 			}
 			waitStreamEmpty(t, js)
-			if all := events.settled(t, cmdID); len(all) != 1 {
+			if all := events.SettledID(t, cmdID); len(all) != 1 {
 				t.Errorf("%d completions, want exactly 1", len(all))
 			}
 		})
@@ -202,9 +204,9 @@ func TestInvalidCommandEndsInOneCompletion(t *testing.T) {
 
 func TestSameMsgIDRunsOnce(t *testing.T) {
 	t.Parallel()
-	s := startServer(t, t.TempDir(), -1)
+	s := bustest.RunServer(t, RunEmbedded, t.TempDir(), -1)
 	nc := connect(t, s.ClientURL())
-	js := jsFor(t, nc)
+	js := bustest.JetStream(t, nc)
 	c := newCalls()
 	startWorker(t, connect(t, s.ClientURL()), Config{}, okHandler(c))
 	events := collect(t, nc, EventPrefix+".>")
@@ -216,21 +218,21 @@ func TestSameMsgIDRunsOnce(t *testing.T) {
 	// Same VM, published after: by the time it completes, a second run of
 	// "twice" would have happened (order per VM).
 	publishCmd(t, js, "web-1", "start", "after", "", "")
-	events.wait(t, "after")
+	events.WaitID(t, "after")
 	waitStreamEmpty(t, js)
 	if n := len(c.of("twice")); n != 1 {
 		t.Errorf("handler ran %q %d times, want 1", "twice", n)
 	}
-	if n := len(events.settled(t, "twice")); n != 1 {
+	if n := len(events.SettledID(t, "twice")); n != 1 {
 		t.Errorf("%d completions for %q, want 1", n, "twice")
 	}
 }
 
 func TestRedeliveryAnsweredFromRecord(t *testing.T) {
 	t.Parallel()
-	s := startServer(t, t.TempDir(), -1)
+	s := bustest.RunServer(t, RunEmbedded, t.TempDir(), -1)
 	nc := connect(t, s.ClientURL())
-	js := jsFor(t, nc)
+	js := bustest.JetStream(t, nc)
 	c := newCalls()
 	w := newWorker(t, connect(t, s.ClientURL()), Config{AckWait: time.Second}, okHandler(c))
 	// The first time, "crash" right after recording the completion: no
@@ -241,7 +243,7 @@ func TestRedeliveryAnsweredFromRecord(t *testing.T) {
 	events := collect(t, nc, EventPrefix+".>")
 
 	publishCmd(t, js, "web-1", "reboot", "rec-1", "", "virtbus.reply.test.rec")
-	got := events.wait(t, "rec-1")
+	got := events.WaitID(t, "rec-1")
 	waitStreamEmpty(t, js)
 
 	if !crashed.Load() {
@@ -266,9 +268,9 @@ func TestOrderPerVMWithConcurrency(t *testing.T) {
 		vms   = 6
 		perVM = 12
 	)
-	s := startServer(t, t.TempDir(), -1)
+	s := bustest.RunServer(t, RunEmbedded, t.TempDir(), -1)
 	nc := connect(t, s.ClientURL())
-	js := jsFor(t, nc)
+	js := bustest.JetStream(t, nc)
 
 	var (
 		mu      sync.Mutex
@@ -306,7 +308,7 @@ func TestOrderPerVMWithConcurrency(t *testing.T) {
 		}
 	}
 	for _, cmdID := range ids {
-		if got := events.wait(t, cmdID); got.Status != StatusOK {
+		if got := events.WaitID(t, cmdID); got.Status != StatusOK {
 			t.Errorf("%s: %+v", cmdID, got)
 		}
 	}
@@ -334,9 +336,9 @@ func TestHoldsNoMoreThanQueueSize(t *testing.T) {
 		queueSize = 4
 		total     = 40
 	)
-	s := startServer(t, t.TempDir(), -1)
+	s := bustest.RunServer(t, RunEmbedded, t.TempDir(), -1)
 	nc := connect(t, s.ClientURL())
-	js := jsFor(t, nc)
+	js := bustest.JetStream(t, nc)
 	release := make(chan struct{})
 	c := newCalls()
 	w := startWorker(t, connect(t, s.ClientURL()), Config{QueueSize: queueSize, Concurrency: 2}, func(_ context.Context, cmd Command) Outcome {
@@ -379,7 +381,7 @@ func TestHoldsNoMoreThanQueueSize(t *testing.T) {
 	})
 	close(release)
 	for i := range total {
-		events.wait(t, id("deep", i))
+		events.WaitID(t, id("deep", i))
 	}
 	waitStreamEmpty(t, js)
 	close(stopWatch)
@@ -412,9 +414,9 @@ func TestUnavailableRetriedThenFinal(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
-			s := startServer(t, t.TempDir(), -1)
+			s := bustest.RunServer(t, RunEmbedded, t.TempDir(), -1)
 			nc := connect(t, s.ClientURL())
-			js := jsFor(t, nc)
+			js := bustest.JetStream(t, nc)
 			c := newCalls()
 			cfg := Config{MaxDeliver: tc.maxDeliver, RetryBackoff: 10 * time.Millisecond, RetryBackoffMax: 40 * time.Millisecond}
 			startWorker(t, connect(t, s.ClientURL()), cfg, func(_ context.Context, cmd Command) Outcome {
@@ -427,7 +429,7 @@ func TestUnavailableRetriedThenFinal(t *testing.T) {
 			events := collect(t, nc, EventPrefix+".>")
 
 			publishCmd(t, js, "web-1", "start", "u-1", "", "")
-			got := events.wait(t, "u-1")
+			got := events.WaitID(t, "u-1")
 			waitStreamEmpty(t, js)
 
 			var attempts []int
@@ -444,7 +446,7 @@ func TestUnavailableRetriedThenFinal(t *testing.T) {
 			if tc.wantStatus == StatusError && (got.Error == nil || got.Error.Code != CodeUnavailable) {
 				t.Errorf("final error %+v, want unavailable", got.Error)
 			}
-			if n := len(events.settled(t, "u-1")); n != 1 {
+			if n := len(events.SettledID(t, "u-1")); n != 1 {
 				t.Errorf("%d completions, want exactly 1 (retries publish nothing)", n)
 			}
 		})
@@ -453,9 +455,9 @@ func TestUnavailableRetriedThenFinal(t *testing.T) {
 
 func TestDeliveriesBeyondTheLimitAnsweredWithoutRunning(t *testing.T) {
 	t.Parallel()
-	s := startServer(t, t.TempDir(), -1)
+	s := bustest.RunServer(t, RunEmbedded, t.TempDir(), -1)
 	nc := connect(t, s.ClientURL())
-	js := jsFor(t, nc)
+	js := bustest.JetStream(t, nc)
 	// The naks below leave no clean-shutdown mark, so the second worker
 	// waits one ack wait for commands it must take to be deliverable: keep
 	// it short.
@@ -494,7 +496,7 @@ func TestDeliveriesBeyondTheLimitAnsweredWithoutRunning(t *testing.T) {
 
 	events := collect(t, nc, EventPrefix+".>")
 	startWorker(t, connect(t, s.ClientURL()), cfg, okHandler(c))
-	got := events.wait(t, "spent")
+	got := events.WaitID(t, "spent")
 	waitStreamEmpty(t, js)
 	if got.Status != StatusError || got.Error == nil || got.Error.Code != CodeUnavailable || got.Attempt != cfg.DeliveryLimit+1 {
 		t.Errorf("completion %+v, want unavailable at attempt %d", got, cfg.DeliveryLimit+1)
@@ -507,9 +509,9 @@ func TestDeliveriesBeyondTheLimitAnsweredWithoutRunning(t *testing.T) {
 func TestGracefulShutdownHandsBackQueued(t *testing.T) {
 	t.Parallel()
 	const total = 6
-	s := startServer(t, t.TempDir(), -1)
+	s := bustest.RunServer(t, RunEmbedded, t.TempDir(), -1)
 	nc := connect(t, s.ClientURL())
-	js := jsFor(t, nc)
+	js := bustest.JetStream(t, nc)
 	events := collect(t, nc, EventPrefix+".>")
 	naks := make(chan *nats.Msg, 64)
 	if _, err := nc.ChanSubscribe("$JS.EVENT.ADVISORY.CONSUMER.MSG_NAKED."+StreamName+"."+ConsumerName(testHost), naks); err != nil {
@@ -546,10 +548,10 @@ func TestGracefulShutdownHandsBackQueued(t *testing.T) {
 	}
 
 	// The running command was answered and acked before Run returned...
-	if n := len(events.settled(t, running)); n != 1 {
+	if n := len(events.SettledID(t, running)); n != 1 {
 		t.Errorf("running command %s: %d completions, want 1", running, n)
 	}
-	if got := streamMsgs(t, js); got != total-1 {
+	if got := bustest.StreamMsgs(t, js, StreamName); got != total-1 {
 		t.Errorf("stream holds %d commands after shutdown, want %d", got, total-1)
 	}
 	// ...and the five queued ones were handed back with a nak.
@@ -575,7 +577,7 @@ func TestGracefulShutdownHandsBackQueued(t *testing.T) {
 
 	startWorker(t, connect(t, s.ClientURL()), cfg, okHandler(c))
 	for i := range total {
-		events.wait(t, id("g", i))
+		events.WaitID(t, id("g", i))
 	}
 	waitStreamEmpty(t, js)
 	for i := range total {
@@ -597,9 +599,9 @@ func TestGracefulShutdownHandsBackQueued(t *testing.T) {
 func TestHeldMessagesAreNotRedelivered(t *testing.T) {
 	t.Parallel()
 	const ackWait = time.Second
-	s := startServer(t, t.TempDir(), -1)
+	s := bustest.RunServer(t, RunEmbedded, t.TempDir(), -1)
 	nc := connect(t, s.ClientURL())
-	js := jsFor(t, nc)
+	js := bustest.JetStream(t, nc)
 	release := make(chan struct{})
 	c := newCalls()
 	w := startWorker(t, connect(t, s.ClientURL()), Config{AckWait: ackWait}, func(_ context.Context, cmd Command) Outcome {

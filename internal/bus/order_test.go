@@ -9,15 +9,17 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/virtbus/virtbus/internal/bus/bustest"
 )
 
 // A command retried after `unavailable` keeps its VM's place: the VM's
 // next command runs only after it, while another VM goes on.
 func TestOrderPerVMHoldsDuringRetries(t *testing.T) {
 	t.Parallel()
-	s := startServer(t, t.TempDir(), -1)
+	s := bustest.RunServer(t, RunEmbedded, t.TempDir(), -1)
 	nc := connect(t, s.ClientURL())
-	js := jsFor(t, nc)
+	js := bustest.JetStream(t, nc)
 	c := newCalls()
 	cfg := Config{Concurrency: 2, MaxDeliver: 5, RetryBackoff: 50 * time.Millisecond, RetryBackoffMax: 100 * time.Millisecond}
 	startWorker(t, connect(t, s.ClientURL()), cfg, func(_ context.Context, cmd Command) Outcome {
@@ -32,13 +34,13 @@ func TestOrderPerVMHoldsDuringRetries(t *testing.T) {
 	publishCmd(t, js, "vm-a", "stop", "a-1", "", "")
 	publishCmd(t, js, "vm-a", "start", "a-2", "", "")
 	publishCmd(t, js, "vm-b", "start", "b-1", "", "")
-	events.wait(t, "a-2")
-	events.wait(t, "b-1")
+	events.WaitID(t, "a-2")
+	events.WaitID(t, "b-1")
 	waitStreamEmpty(t, js)
 	if got, want := c.idsFor("vm-a"), []string{"a-1", "a-1", "a-1", "a-2"}; !slices.Equal(got, want) {
 		t.Errorf("vm-a ran %v, want %v: a-2 overtook the retried a-1", got, want)
 	}
-	if got := events.settled(t, "a-1"); len(got) != 1 || got[0].Status != StatusOK || got[0].Attempt != 3 {
+	if got := events.SettledID(t, "a-1"); len(got) != 1 || got[0].Status != StatusOK || got[0].Attempt != 3 {
 		t.Errorf("a-1 completions %+v, want one ok at attempt 3", got)
 	}
 }
@@ -48,9 +50,9 @@ func TestOrderPerVMHoldsDuringRetries(t *testing.T) {
 // a time is `invalid`.
 func TestExpiredCommandsDoNotRun(t *testing.T) {
 	t.Parallel()
-	s := startServer(t, t.TempDir(), -1)
+	s := bustest.RunServer(t, RunEmbedded, t.TempDir(), -1)
 	nc := connect(t, s.ClientURL())
-	js := jsFor(t, nc)
+	js := bustest.JetStream(t, nc)
 	c := newCalls()
 	events := collect(t, nc, EventPrefix+".>")
 
@@ -66,7 +68,7 @@ func TestExpiredCommandsDoNotRun(t *testing.T) {
 	w.start(t)
 
 	for id, want := range map[string]string{"old": CodeExpired, "past-deadline": CodeExpired, "bad-deadline": CodeInvalid, "in-time": ""} {
-		got := events.wait(t, id)
+		got := events.WaitID(t, id)
 		switch {
 		case want == "" && got.Status != StatusOK:
 			t.Errorf("%s: %+v, want ok", id, got)
@@ -110,9 +112,9 @@ func createStream(t *testing.T, js jetstream.JetStream) {
 func TestDeepBacklogDoesNotHoldUpOtherVMs(t *testing.T) {
 	t.Parallel()
 	const backlog = 200
-	s := startServer(t, t.TempDir(), -1)
+	s := bustest.RunServer(t, RunEmbedded, t.TempDir(), -1)
 	nc := connect(t, s.ClientURL())
-	js := jsFor(t, nc)
+	js := bustest.JetStream(t, nc)
 	c := newCalls()
 	var (
 		mu        sync.Mutex
@@ -141,7 +143,7 @@ func TestDeepBacklogDoesNotHoldUpOtherVMs(t *testing.T) {
 	}
 	bSent := time.Now()
 	publishCmd(t, js, "vm-b", "start", "b-1", "", "")
-	events.wait(t, "b-1")
+	events.WaitID(t, "b-1")
 	mu.Lock()
 	wait, before := bStarted.Sub(bSent), aBeforeB
 	mu.Unlock()
@@ -154,7 +156,7 @@ func TestDeepBacklogDoesNotHoldUpOtherVMs(t *testing.T) {
 		t.Errorf("vm-b ran after %d of vm-a's %d commands, want it to overtake the backlog", before, backlog)
 	}
 
-	events.wait(t, id("a", backlog-1))
+	events.WaitID(t, id("a", backlog-1))
 	waitStreamEmpty(t, js)
 	var want []string
 	for i := range backlog {
@@ -164,7 +166,7 @@ func TestDeepBacklogDoesNotHoldUpOtherVMs(t *testing.T) {
 		t.Errorf("vm-a ran %d commands out of order or not once each: %v", len(got), got)
 	}
 	for _, id := range append(want, "b-1") {
-		if got := events.settled(t, id); len(got) != 1 {
+		if got := events.SettledID(t, id); len(got) != 1 {
 			t.Errorf("%s: %d completions, want 1", id, len(got))
 		}
 	}
@@ -180,9 +182,9 @@ func TestParkingIsBounded(t *testing.T) {
 		share     = queueSize - 2 + 1 // concurrency 2
 		total     = share + parkLimit + 50
 	)
-	s := startServer(t, t.TempDir(), -1)
+	s := bustest.RunServer(t, RunEmbedded, t.TempDir(), -1)
 	nc := connect(t, s.ClientURL())
-	js := jsFor(t, nc)
+	js := bustest.JetStream(t, nc)
 	release := make(chan struct{})
 	c := newCalls()
 	w := startWorker(t, connect(t, s.ClientURL()), Config{QueueSize: queueSize, Concurrency: 2}, func(_ context.Context, cmd Command) Outcome {
@@ -206,7 +208,7 @@ func TestParkingIsBounded(t *testing.T) {
 		t.Errorf("virtbus_queue_parked = %v, want %d", got, parkLimit)
 	}
 	close(release)
-	events.wait(t, id("a", total-1))
+	events.WaitID(t, id("a", total-1))
 	waitStreamEmpty(t, js)
 	var want []string
 	for i := range total {

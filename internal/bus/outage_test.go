@@ -10,15 +10,17 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/virtbus/virtbus/internal/bus/bustest"
 )
 
 func TestNATSServerRestartMidBacklog(t *testing.T) {
 	const total = 40
 	dir := t.TempDir()
-	s := startServer(t, dir, -1)
-	port := serverPort(t, s)
+	s := bustest.RunServer(t, RunEmbedded, dir, -1)
+	port := bustest.ServerPort(t, s)
 	nc := connect(t, s.ClientURL())
-	js := jsFor(t, nc)
+	js := bustest.JetStream(t, nc)
 
 	c := newCalls()
 	restarted := make(chan struct{})
@@ -42,7 +44,7 @@ func TestNATSServerRestartMidBacklog(t *testing.T) {
 	waitFor(t, "a quarter of the backlog done, two running", func() bool { return c.total() == total/4+2 })
 	s.Shutdown()
 	s.WaitForShutdown()
-	startServer(t, dir, port)
+	bustest.RunServer(t, RunEmbedded, dir, port)
 	close(restarted)
 
 	// Every command is acked, which the worker does only after recording
@@ -77,7 +79,7 @@ func TestNATSServerRestartMidBacklog(t *testing.T) {
 }
 
 func TestWorkerStartedWhileNATSDown(t *testing.T) {
-	port := freePort(t)
+	port := bustest.FreePort(t)
 	url := fmt.Sprintf("nats://127.0.0.1:%d", port)
 	c := newCalls()
 	w := newWorker(t, connect(t, url), Config{}, okHandler(c)).start(t)
@@ -85,13 +87,13 @@ func TestWorkerStartedWhileNATSDown(t *testing.T) {
 		t.Fatal("Ready() with no server")
 	}
 
-	s := startServer(t, t.TempDir(), port)
+	s := bustest.RunServer(t, RunEmbedded, t.TempDir(), port)
 	waitFor(t, "worker ready once NATS is up", w.Ready)
 	nc := connect(t, s.ClientURL())
-	js := jsFor(t, nc)
+	js := bustest.JetStream(t, nc)
 	events := collect(t, nc, EventPrefix+".>")
 	publishCmd(t, js, "web-1", "start", "late-1", "", "")
-	if got := events.wait(t, "late-1"); got.Status != StatusOK {
+	if got := events.WaitID(t, "late-1"); got.Status != StatusOK {
 		t.Errorf("completion %+v", got)
 	}
 }
@@ -101,10 +103,10 @@ func TestWorkerStartedWhileNATSDown(t *testing.T) {
 // one completion.
 func TestOutageLongerThanAckWaitGivesOneCompletion(t *testing.T) {
 	dir := t.TempDir()
-	s := startServer(t, dir, -1)
-	port := serverPort(t, s)
+	s := bustest.RunServer(t, RunEmbedded, dir, -1)
+	port := bustest.ServerPort(t, s)
 	nc := connect(t, s.ClientURL())
-	js := jsFor(t, nc)
+	js := bustest.JetStream(t, nc)
 	c := newCalls()
 	release := make(chan struct{})
 	w := startWorker(t, connect(t, s.ClientURL()), Config{AckWait: time.Second}, func(_ context.Context, cmd Command) Outcome {
@@ -118,14 +120,14 @@ func TestOutageLongerThanAckWaitGivesOneCompletion(t *testing.T) {
 	s.Shutdown()
 	s.WaitForShutdown()
 	time.Sleep(1500 * time.Millisecond) // longer than the ack wait: no in-progress note gets through
-	startServer(t, dir, port)
+	bustest.RunServer(t, RunEmbedded, dir, port)
 	events := collect(t, connect(t, fmt.Sprintf("nats://127.0.0.1:%d", port)), EventPrefix+".>")
 	waitFor(t, "the redelivery", func() bool { return metricValue(t, w.reg, "virtbus_redeliveries_total") >= 1 })
 	close(release)
 
-	events.wait(t, "long-1")
-	waitStreamEmpty(t, jsFor(t, connect(t, fmt.Sprintf("nats://127.0.0.1:%d", port))))
-	if got := events.settled(t, "long-1"); len(got) != 1 {
+	events.WaitID(t, "long-1")
+	waitStreamEmpty(t, bustest.JetStream(t, connect(t, fmt.Sprintf("nats://127.0.0.1:%d", port))))
+	if got := events.SettledID(t, "long-1"); len(got) != 1 {
 		t.Errorf("%d completions, want exactly 1", len(got))
 	}
 	if n := c.total(); n != 1 {
@@ -139,10 +141,10 @@ func TestOutageLongerThanAckWaitGivesOneCompletion(t *testing.T) {
 // for it to come back instead of fetching past it.
 func TestPendingCommandKeepsItsPlaceAcrossAServerRestart(t *testing.T) {
 	dir := t.TempDir()
-	s := startServer(t, dir, -1)
-	port := serverPort(t, s)
+	s := bustest.RunServer(t, RunEmbedded, dir, -1)
+	port := bustest.ServerPort(t, s)
 	url := s.ClientURL()
-	js := jsFor(t, connect(t, url))
+	js := bustest.JetStream(t, connect(t, url))
 	cfg := Config{AckWait: 2 * time.Second}
 	c := newCalls()
 	first := startWorker(t, connect(t, url), cfg, okHandler(c))
@@ -161,11 +163,11 @@ func TestPendingCommandKeepsItsPlaceAcrossAServerRestart(t *testing.T) {
 	}
 	s.Shutdown()
 	s.WaitForShutdown()
-	startServer(t, dir, port)
+	bustest.RunServer(t, RunEmbedded, dir, port)
 
 	events := collect(t, connect(t, url), EventPrefix+".>")
 	startWorker(t, connect(t, url), cfg, okHandler(c))
-	events.wait(t, "a-2")
+	events.WaitID(t, "a-2")
 	if got := c.idsFor("vm-a"); !slices.Equal(got, []string{"a-1", "a-2"}) {
 		t.Errorf("vm-a ran %v, want a-1 then a-2", got)
 	}

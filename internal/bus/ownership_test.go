@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/virtbus/virtbus/internal/bus/bustest"
 )
 
 // lockedBuffer is a log sink the worker's goroutines may write while the
@@ -37,9 +39,9 @@ func (l *lockedBuffer) String() string {
 // that breaks one of its promises.
 func TestOperatorSettingsAreKept(t *testing.T) {
 	t.Parallel()
-	s := startServer(t, t.TempDir(), -1)
+	s := bustest.RunServer(t, RunEmbedded, t.TempDir(), -1)
 	nc := connect(t, s.ClientURL())
-	js := jsFor(t, nc)
+	js := bustest.JetStream(t, nc)
 	ctx := t.Context()
 	streamCfg := jetstream.StreamConfig{Name: StreamName, Subjects: []string{CommandPrefix + ".>"}, Retention: jetstream.WorkQueuePolicy,
 		MaxAge: time.Hour, MaxBytes: 1 << 20, MaxMsgsPerSubject: 10, Discard: jetstream.DiscardNew, DenyPurge: true}
@@ -62,7 +64,7 @@ func TestOperatorSettingsAreKept(t *testing.T) {
 	waitFor(t, "worker ready", w.Ready)
 	events := collect(t, nc, EventPrefix+".>")
 	publishCmd(t, js, "web-1", "start", "kept-1", "", "")
-	events.wait(t, "kept-1")
+	events.WaitID(t, "kept-1")
 	w.lose(w.cons.Load()) // set up again: the warnings are not repeated
 	waitFor(t, "worker ready again", w.Ready)
 
@@ -90,8 +92,8 @@ func TestOperatorSettingsAreKept(t *testing.T) {
 // single server has) and its age limit.
 func TestCreatedStreamCarriesTheLimits(t *testing.T) {
 	t.Parallel()
-	s := startServer(t, t.TempDir(), -1)
-	js := jsFor(t, connect(t, s.ClientURL()))
+	s := bustest.RunServer(t, RunEmbedded, t.TempDir(), -1)
+	js := bustest.JetStream(t, connect(t, s.ClientURL()))
 	startWorker(t, connect(t, s.ClientURL()), Config{CommandMaxAge: 2 * time.Hour, StreamReplicas: 1}, okHandler(newCalls()))
 	stream, err := js.Stream(t.Context(), StreamName)
 	if err != nil {
@@ -106,9 +108,9 @@ func TestCreatedStreamCarriesTheLimits(t *testing.T) {
 // and set up again; commands then complete as before.
 func TestLostObjectsAreSetUpAgain(t *testing.T) {
 	t.Parallel()
-	s := startServer(t, t.TempDir(), -1)
+	s := bustest.RunServer(t, RunEmbedded, t.TempDir(), -1)
 	nc := connect(t, s.ClientURL())
-	js := jsFor(t, nc)
+	js := bustest.JetStream(t, nc)
 	w := startWorker(t, connect(t, s.ClientURL()), Config{}, okHandler(newCalls()))
 	events := collect(t, nc, EventPrefix+".>")
 	losses := []struct {
@@ -130,7 +132,7 @@ func TestLostObjectsAreSetUpAgain(t *testing.T) {
 			return errS == nil && errK == nil && errC == nil && w.Ready()
 		})
 		publishCmd(t, js, "web-1", "start", id("after-loss", i), "", "")
-		if got := events.wait(t, id("after-loss", i)); got.Status != StatusOK {
+		if got := events.WaitID(t, id("after-loss", i)); got.Status != StatusOK {
 			t.Errorf("after losing the %s: %+v", l.name, got)
 		}
 	}
@@ -141,9 +143,9 @@ func TestLostObjectsAreSetUpAgain(t *testing.T) {
 // once) or dies (within one lease).
 func TestStandbyTakesOver(t *testing.T) {
 	t.Parallel()
-	s := startServer(t, t.TempDir(), -1)
+	s := bustest.RunServer(t, RunEmbedded, t.TempDir(), -1)
 	nc := connect(t, s.ClientURL())
-	js := jsFor(t, nc)
+	js := bustest.JetStream(t, nc)
 	events := collect(t, nc, EventPrefix+".>")
 	first, second, third := newCalls(), newCalls(), newCalls()
 	cfg := Config{Lease: 2 * time.Second}
@@ -152,7 +154,7 @@ func TestStandbyTakesOver(t *testing.T) {
 	waitFor(t, "the second worker to stand by", b.Standby)
 
 	publishCmd(t, js, "web-1", "start", "while-a", "", "")
-	events.wait(t, "while-a")
+	events.WaitID(t, "while-a")
 	if second.total() != 0 || b.Ready() {
 		t.Errorf("the standby ran %d commands (ready %v)", second.total(), b.Ready())
 	}
@@ -162,7 +164,7 @@ func TestStandbyTakesOver(t *testing.T) {
 	}
 	waitFor(t, "the standby to take over", b.Ready)
 	publishCmd(t, js, "web-1", "start", "after-stop", "", "")
-	events.wait(t, "after-stop")
+	events.WaitID(t, "after-stop")
 	if len(second.of("after-stop")) != 1 {
 		t.Errorf("after a clean stop the standby did not run the command")
 	}
@@ -177,7 +179,7 @@ func TestStandbyTakesOver(t *testing.T) {
 		t.Errorf("took over after %s, lease %s", waited, cfg.Lease)
 	}
 	publishCmd(t, js, "web-1", "start", "after-death", "", "")
-	events.wait(t, "after-death")
+	events.WaitID(t, "after-death")
 	if len(third.of("after-death")) != 1 {
 		t.Errorf("after a death the standby did not run the command")
 	}
@@ -191,8 +193,8 @@ func TestStandbyTakesOver(t *testing.T) {
 // A worker whose lease another took stops at once with ErrLeaseLost.
 func TestLostLeaseStopsTheWorker(t *testing.T) {
 	t.Parallel()
-	s := startServer(t, t.TempDir(), -1)
-	js := jsFor(t, connect(t, s.ClientURL()))
+	s := bustest.RunServer(t, RunEmbedded, t.TempDir(), -1)
+	js := bustest.JetStream(t, connect(t, s.ClientURL()))
 	w := newWorker(t, connect(t, s.ClientURL()), Config{Lease: time.Second}, okHandler(newCalls()))
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()

@@ -45,7 +45,7 @@ type Harness struct {
 func NewHarness(t testing.TB, s Settings) *Harness {
 	t.Helper()
 	h := &Harness{t: t, S: s, rng: rand.New(rand.NewPCG(uint64(s.Seed), 0x636861)), doms: map[string]libvirt.Domain{}}
-	h.lv = testbed.RequireLive(t)
+	h.lv = testbed.Require(t)
 	testbed.OwnLibvirtd(t)
 	dir, err := os.MkdirTemp("", "virtbus-chaos-")
 	if err != nil {

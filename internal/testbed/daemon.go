@@ -25,9 +25,16 @@ func markDir() string {
 // hypervisor's own daemon is never touched.
 func OwnLibvirtd(t testing.TB) {
 	t.Helper()
-	if _, err := os.Stat(filepath.Join(markDir(), "libvirtd")); err != nil {
+	if !ownDaemon() {
 		Unavailable(t, "libvirtd was not started by scripts/libvirt-up.sh, so this test may not restart it")
 	}
+}
+
+// ownDaemon reports whether scripts/libvirt-up.sh started the libvirtd the
+// tests use.
+func ownDaemon() bool {
+	_, err := os.Stat(filepath.Join(markDir(), "libvirtd"))
+	return err == nil
 }
 
 // StopLibvirtd stops the test bed's libvirtd and waits until it is gone.

@@ -3,8 +3,6 @@ package testbed
 import (
 	"errors"
 	"fmt"
-	"os"
-	"path/filepath"
 	"sync"
 	"testing"
 	"time"
@@ -29,19 +27,23 @@ type Live struct {
 	l  *libvirt.Libvirt
 }
 
-// RequireLive is Require (skip, or fail under CI=true, without libvirtd)
-// for a connection that reconnects. When the test bed's own libvirtd is
-// not answering, another test may be restarting it: that is waited for
-// before the test is given up.
-func RequireLive(t testing.TB) *Live {
+// Require connects to libvirtd and returns the test's connection, closed
+// when the test ends; it skips (or fails under CI=true) when there is none.
+// When the test bed's own libvirtd is not answering, another test may be
+// restarting it: that is waited for before the test is given up. A
+// hypervisor's own daemon gets one try, as it is not restarted by tests.
+func Require(t testing.TB) *Live {
 	t.Helper()
-	if _, err := os.Stat(filepath.Join(markDir(), "libvirtd")); err == nil {
-		if l, err := dialWithin(restartWait); err == nil {
-			t.Cleanup(func() { _ = l.Disconnect() })
-			return &Live{t: t, l: l}
-		}
+	var wait time.Duration
+	if ownDaemon() {
+		wait = restartWait
 	}
-	return &Live{t: t, l: Require(t)}
+	l, err := dial(wait)
+	if err != nil {
+		Unavailable(t, "no libvirtd: "+err.Error())
+	}
+	t.Cleanup(func() { _ = l.Disconnect() })
+	return &Live{t: t, l: l}
 }
 
 // Conn returns a connected client; after the daemon went away it dials
@@ -54,7 +56,7 @@ func (c *Live) Conn() *libvirt.Libvirt {
 	if c.l.IsConnected() {
 		return c.l
 	}
-	l, err := dialWithin(restartWait)
+	l, err := dial(restartWait)
 	if err != nil {
 		c.t.Fatalf("libvirtd did not come back within %s: %v", restartWait, err)
 	}
@@ -63,8 +65,9 @@ func (c *Live) Conn() *libvirt.Libvirt {
 	return l
 }
 
-// dialWithin connects to libvirtd, trying again until d has passed.
-func dialWithin(d time.Duration) (*libvirt.Libvirt, error) {
+// dial is the package's one way to connect to libvirtd: it tries once,
+// and again until d has passed.
+func dial(d time.Duration) (*libvirt.Libvirt, error) {
 	deadline := time.Now().Add(d)
 	for {
 		l := libvirt.NewWithDialer(dialers.NewLocal(dialers.WithSocket(Socket()), dialers.WithLocalTimeout(5*time.Second)))
@@ -109,10 +112,11 @@ func (c *Live) call(what string, fn func(l *libvirt.Libvirt) error) {
 	}
 }
 
-// Domain is the package's Domain made across a restart of libvirtd: a
-// define or start cut off by the daemon going away is tried again on the
-// next connection, and the domain is removed at the end of the test
-// whatever happened meanwhile.
+// Domain defines a QEMU (TCG) domain with no OS under a unique name: it
+// starts in about half a second and ignores ACPI shutdown and reboot. A
+// define or start cut off by libvirtd going away is tried again on the
+// next connection, and the domain is destroyed and undefined at the end of
+// the test whatever happened meanwhile.
 func (c *Live) Domain(purpose string, o DomainOptions) libvirt.Domain {
 	c.t.Helper()
 	name := Name(purpose)
@@ -139,6 +143,7 @@ func (c *Live) Domain(purpose string, o DomainOptions) libvirt.Domain {
 		}
 		return err
 	})
+	// Registered before the start, so a failed start leaves nothing behind.
 	c.t.Cleanup(func() { c.remove(dom) })
 	if o.Running && !o.Transient {
 		c.call("start test domain "+name, func(l *libvirt.Libvirt) error {
@@ -190,7 +195,8 @@ func (c *Live) remove(dom libvirt.Domain) {
 	}
 }
 
-// State is the package's State, made again across a restart.
+// State is dom's state as libvirt reports it, asked again across a
+// restart.
 func (c *Live) State(dom libvirt.Domain) libvirt.DomainState {
 	c.t.Helper()
 	var st int32
@@ -201,7 +207,8 @@ func (c *Live) State(dom libvirt.Domain) libvirt.DomainState {
 	return libvirt.DomainState(st)
 }
 
-// Disks is the package's Disks, read again across a restart.
+// Disks maps target to source file of dom's disks: the live definition
+// (inactive=false) or the config; read again across a restart.
 func (c *Live) Disks(dom libvirt.Domain, inactive bool) map[string]string {
 	c.t.Helper()
 	var flags libvirt.DomainXMLFlags

@@ -3,7 +3,8 @@
 // the test ends. Nothing here touches what a test did not create, so the
 // tests may run on a real hypervisor.
 //
-// A test that needs libvirtd calls Require. Where libvirtd is missing it
+// A test that needs libvirtd calls Require and works through the Live it
+// returns, the package's one way to libvirtd. Where libvirtd is missing it
 // skips with the reason, unless CI=true, where a skip would hide a broken
 // test bed and it fails instead.
 package testbed
@@ -15,10 +16,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
-	"github.com/digitalocean/go-libvirt"
-	"github.com/digitalocean/go-libvirt/socket/dialers"
 	"libvirt.org/go/libvirtxml"
 )
 
@@ -49,18 +47,6 @@ func Unavailable(t testing.TB, reason string) {
 	t.Skipf("skipped: %s (run scripts/libvirt-up.sh as root, or set VIRTBUS_LIBVIRT_SOCKET)", reason)
 }
 
-// Require connects to libvirtd and returns the connection, closed when the
-// test ends; it skips (or fails under CI) when there is none.
-func Require(t testing.TB) *libvirt.Libvirt {
-	t.Helper()
-	l := libvirt.NewWithDialer(dialers.NewLocal(dialers.WithSocket(Socket()), dialers.WithLocalTimeout(5*time.Second)))
-	if err := l.ConnectToURI(libvirt.QEMUSystem); err != nil {
-		Unavailable(t, "no libvirtd at "+Socket()+": "+err.Error())
-	}
-	t.Cleanup(func() { _ = l.Disconnect() })
-	return l
-}
-
 // Name returns a unique name with the given purpose in it.
 func Name(purpose string) string {
 	b := make([]byte, 4)
@@ -72,58 +58,6 @@ func Name(purpose string) string {
 type DomainOptions struct {
 	Running   bool // start it after defining it
 	Transient bool // create it without a persistent definition
-}
-
-// Domain defines a QEMU (TCG) domain with no OS under a unique name: it
-// starts in about half a second and ignores ACPI shutdown and reboot. It is
-// destroyed and undefined when the test ends.
-func Domain(t testing.TB, l *libvirt.Libvirt, purpose string, o DomainOptions) libvirt.Domain {
-	t.Helper()
-	name := Name(purpose)
-	def := domainDef(name)
-	doc, err := def.Marshal()
-	if err != nil {
-		t.Fatalf("build domain XML: %v", err)
-	}
-	var dom libvirt.Domain
-	if o.Transient {
-		dom, err = l.DomainCreateXML(doc, 0)
-	} else {
-		dom, err = l.DomainDefineXML(doc)
-	}
-	if err != nil {
-		t.Fatalf("define test domain %s: %v", name, err)
-	}
-	// Registered before the start, so a failed start leaves nothing behind.
-	t.Cleanup(func() { Remove(t, l, dom) })
-	if o.Running && !o.Transient {
-		if err := l.DomainCreate(dom); err != nil {
-			t.Fatalf("start test domain %s: %v", name, err)
-		}
-	}
-	return dom
-}
-
-// Remove destroys and undefines dom, tolerating that it is already gone.
-// It uses a fresh connection when l has died (a test that restarted
-// libvirtd), so nothing is left behind.
-func Remove(t testing.TB, l *libvirt.Libvirt, dom libvirt.Domain) {
-	t.Helper()
-	if !l.IsConnected() {
-		fresh := libvirt.NewWithDialer(dialers.NewLocal(dialers.WithSocket(Socket())))
-		if err := fresh.ConnectToURI(libvirt.QEMUSystem); err != nil {
-			t.Errorf("clean up %s: reconnect: %v", dom.Name, err)
-			return
-		}
-		defer fresh.Disconnect()
-		l = fresh
-	}
-	if st, _, err := l.DomainGetState(dom, 0); err == nil && libvirt.DomainState(st) != libvirt.DomainShutoff {
-		_ = l.DomainDestroy(dom)
-	}
-	if err := l.DomainUndefine(dom); err != nil && !libvirt.IsNotFound(err) {
-		t.Errorf("clean up %s: undefine: %v", dom.Name, err)
-	}
 }
 
 // DiskImage creates a sparse raw image of size MiB in a directory of its own
@@ -164,35 +98,6 @@ func Dir(t testing.TB) string {
 	}
 	t.Cleanup(func() { _ = os.RemoveAll(dir) })
 	return dir
-}
-
-// State is dom's state as libvirt reports it.
-func State(t testing.TB, l *libvirt.Libvirt, dom libvirt.Domain) libvirt.DomainState {
-	t.Helper()
-	st, _, err := l.DomainGetState(dom, 0)
-	if err != nil {
-		t.Fatalf("state of %s: %v", dom.Name, err)
-	}
-	return libvirt.DomainState(st)
-}
-
-// Disks maps target to source file of dom's disks: the live definition
-// (inactive=false) or the config.
-func Disks(t testing.TB, l *libvirt.Libvirt, dom libvirt.Domain, inactive bool) map[string]string {
-	t.Helper()
-	var flags libvirt.DomainXMLFlags
-	if inactive {
-		flags = libvirt.DomainXMLInactive
-	}
-	doc, err := l.DomainGetXMLDesc(dom, flags)
-	if err != nil {
-		t.Fatalf("XML of %s: %v", dom.Name, err)
-	}
-	out, err := disksOf(doc)
-	if err != nil {
-		t.Fatalf("parse XML of %s: %v", dom.Name, err)
-	}
-	return out
 }
 
 // disksOf maps target to source file of the disks in a domain XML.

@@ -46,7 +46,7 @@ func newHarnessRoots(t *testing.T, diskRoots ...string) harness {
 // roots given.
 func newHarnessWith(t *testing.T, timeout time.Duration, diskRoots ...string) harness {
 	t.Helper()
-	lv := testbed.RequireLive(t)
+	lv := testbed.Require(t)
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	conn := vm.NewConn(testbed.Socket(), "qemu:///system", timeout, log)
 	ctx, cancel := context.WithCancel(context.Background())
