@@ -1,6 +1,7 @@
 package vm_test
 
 import (
+	"errors"
 	"runtime"
 	"strings"
 	"testing"
@@ -37,8 +38,8 @@ func TestLibvirtdFrozen(t *testing.T) {
 	}()
 	start := time.Now()
 	_, err := calls.do(t, dom.Name, vm.Status, ``)
-	if took := time.Since(start); vm.Code(err) != "unavailable" || took > bound {
-		t.Errorf("status with libvirtd frozen: %v (code %q) after %s, want unavailable within %s", err, vm.Code(err), took, bound)
+	if took := time.Since(start); !errors.Is(err, vm.ErrUnavailable) || took > bound {
+		t.Errorf("status with libvirtd frozen: %v after %s, want unavailable within %s", err, took, bound)
 	}
 	if calls.conn.Up() {
 		t.Errorf("Up() = true with libvirtd frozen")
@@ -59,7 +60,7 @@ func TestLibvirtdFrozen(t *testing.T) {
 			}
 			break
 		}
-		if vm.Code(err) != "unavailable" || time.Now().After(deadline) {
+		if !errors.Is(err, vm.ErrUnavailable) || time.Now().After(deadline) {
 			t.Fatalf("status after the thaw: %v", err)
 		}
 	}

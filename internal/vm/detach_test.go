@@ -1,6 +1,7 @@
 package vm_test
 
 import (
+	"errors"
 	"strings"
 	"sync"
 	"testing"
@@ -47,7 +48,7 @@ func TestDetachConcurrentSCSI(t *testing.T) {
 		wg.Wait()
 		for i, dom := range doms {
 			if errs[i] != nil || !results[i].Changed || results[i].State != "running" {
-				t.Fatalf("detach %s from %s: %+v, %v (code %q)", target, dom.Name, results[i], errs[i], vm.Code(errs[i]))
+				t.Fatalf("detach %s from %s: %+v, %v", target, dom.Name, results[i], errs[i])
 			}
 			for _, inactive := range []bool{false, true} {
 				if src, still := h.lv.Disks(dom, inactive)[target]; still {
@@ -82,8 +83,8 @@ func TestDetachLibvirtdFrozen(t *testing.T) {
 	}
 
 	took, err := detachFrozenAtRequest(t, h, timeout, func() error { _, err := detach("sda"); return err })
-	if vm.Code(err) != "unavailable" || took > bound {
-		t.Fatalf("detach with libvirtd frozen at the request: %v (code %q) after %s, want unavailable within %s", err, vm.Code(err), took, bound)
+	if !errors.Is(err, vm.ErrUnavailable) || took > bound {
+		t.Fatalf("detach with libvirtd frozen at the request: %v after %s, want unavailable within %s", err, took, bound)
 	}
 	if strings.Contains(err.Error(), "guest") {
 		t.Errorf("error %q blames the guest for a daemon that did not answer", err)
@@ -96,8 +97,8 @@ func TestDetachLibvirtdFrozen(t *testing.T) {
 		if err == nil {
 			break
 		}
-		if vm.Code(err) != "unavailable" || time.Now().After(deadline) {
-			t.Fatalf("detach sda after the thaw: %v (code %q)", err, vm.Code(err))
+		if !errors.Is(err, vm.ErrUnavailable) || time.Now().After(deadline) {
+			t.Fatalf("detach sda after the thaw: %v", err)
 		}
 	}
 	if res, err := detach("sdb"); err != nil || !res.Changed {
@@ -178,7 +179,7 @@ func TestDetachWhenTheConfigAlreadyLostTheDisk(t *testing.T) {
 	})
 	res, err := h.do(t, dom.Name, vm.DetachDisk, `{"target":"sda","timeout":"6s"}`)
 	if err != nil || !res.Changed {
-		t.Fatalf("detach: %+v, %v (code %q)", res, err, vm.Code(err))
+		t.Fatalf("detach: %+v, %v", res, err)
 	}
 	for _, inactive := range []bool{false, true} {
 		if src, still := h.lv.Disks(dom, inactive)["sda"]; still {

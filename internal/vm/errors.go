@@ -4,14 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"strings"
 	"unicode/utf8"
 
 	"github.com/digitalocean/go-libvirt"
 )
 
-// Sentinel errors callers branch on. Each maps to one completion error code
-// (Code); wrap them with fmt.Errorf("...: %w", ErrX) to add context.
+// Sentinel errors callers branch on: every error the executor returns
+// carries one (the worker maps them to the completion's codes). Wrap them
+// with fmt.Errorf("...: %w", ErrX) to add context.
 var (
 	ErrInvalid     = errors.New("invalid")
 	ErrNotFound    = errors.New("not found")
@@ -28,35 +28,8 @@ var (
 // work. It is ErrLibvirt wherever it surfaces.
 var errDeviceMissing = fmt.Errorf("%w: device not found", ErrLibvirt)
 
-// codes maps each sentinel to its completion error code: the one place
-// Code, classify and Message take them from.
-var codes = []struct {
-	err  error
-	code string
-}{
-	{ErrInvalid, "invalid"},
-	{ErrNotFound, "not_found"},
-	{ErrForbidden, "forbidden"},
-	{ErrConflict, "conflict"},
-	{ErrTimeout, "timeout"},
-	{ErrLibvirt, "libvirt"},
-	{ErrUnavailable, "unavailable"},
-}
-
-// Code is the completion error code for err: one of invalid, not_found,
-// forbidden, conflict, timeout, libvirt, unavailable. Errors that carry none
-// of the sentinels count as libvirt errors.
-func Code(err error) string {
-	if err == nil {
-		return ""
-	}
-	for _, c := range codes {
-		if errors.Is(err, c.err) {
-			return c.code
-		}
-	}
-	return "libvirt"
-}
+// sentinels are the errors classify leaves as they are.
+var sentinels = []error{ErrInvalid, ErrNotFound, ErrForbidden, ErrConflict, ErrTimeout, ErrLibvirt, ErrUnavailable}
 
 // classify turns an error from a go-libvirt call into one that carries a
 // sentinel. libvirt's own error numbers say what went wrong on the daemon's
@@ -66,8 +39,8 @@ func classify(err error) error {
 	if err == nil {
 		return nil
 	}
-	for _, c := range codes {
-		if errors.Is(err, c.err) {
+	for _, sentinel := range sentinels {
+		if errors.Is(err, sentinel) {
 			return err
 		}
 	}
@@ -96,18 +69,6 @@ func classify(err error) error {
 	default:
 		return fmt.Errorf("%w: %v", ErrLibvirt, err)
 	}
-}
-
-// Message is err's text without the leading sentinel ("conflict: …"),
-// which the completion already carries as its code.
-func Message(err error) string {
-	msg := err.Error()
-	for _, c := range codes {
-		if errors.Is(err, c.err) {
-			return strings.TrimPrefix(msg, c.err.Error()+": ")
-		}
-	}
-	return msg
 }
 
 // clipBytes bounds a client-sent value echoed in an error message: a client

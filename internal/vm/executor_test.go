@@ -3,6 +3,7 @@ package vm_test
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"maps"
@@ -82,11 +83,11 @@ func (h harness) ok(t *testing.T, dom libvirt.Domain, a vm.Action, params string
 	return res
 }
 
-func (h harness) fails(t *testing.T, vmName string, a vm.Action, params, code string) error {
+func (h harness) fails(t *testing.T, vmName string, a vm.Action, params string, want error) error {
 	t.Helper()
 	_, err := h.do(t, vmName, a, params)
-	if got := vm.Code(err); got != code {
-		t.Fatalf("%s %s %s: error %v (code %q), want code %q", a, vmName, params, err, got, code)
+	if !errors.Is(err, want) {
+		t.Fatalf("%s %s %s: error %v, want %v", a, vmName, params, err, want)
 	}
 	return err
 }
@@ -225,7 +226,7 @@ func TestStopTransientDomain(t *testing.T) {
 	h := newHarness(t)
 	dom := h.lv.Domain("transient", testbed.DomainOptions{Transient: true})
 	h.ok(t, dom, vm.Stop, `{"mode":"force"}`, true, "shutoff")
-	h.fails(t, dom.Name, vm.Status, ``, "not_found")
+	h.fails(t, dom.Name, vm.Status, ``, vm.ErrNotFound)
 }
 
 func TestRebootHard(t *testing.T) {
@@ -284,10 +285,10 @@ func TestRebootConflicts(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t)
 	off := h.lv.Domain("rebootoff", testbed.DomainOptions{})
-	h.fails(t, off.Name, vm.Reboot, ``, "conflict")
+	h.fails(t, off.Name, vm.Reboot, ``, vm.ErrConflict)
 	wantState(t, h.lv, off, libvirt.DomainShutoff)
 	transient := h.lv.Domain("reboottransient", testbed.DomainOptions{Transient: true})
-	h.fails(t, transient.Name, vm.Reboot, `{"mode":"soft"}`, "conflict")
+	h.fails(t, transient.Name, vm.Reboot, `{"mode":"soft"}`, vm.ErrConflict)
 	wantState(t, h.lv, transient, libvirt.DomainRunning)
 }
 
@@ -350,7 +351,7 @@ func TestDetachVirtioGuestIgnoresUnplug(t *testing.T) {
 	if _, inConfig := h.lv.Disks(dom, true)[target]; inConfig {
 		t.Fatalf("persistent=false attach reached the config")
 	}
-	h.fails(t, dom.Name, vm.DetachDisk, `{"path":"`+img+`","timeout":"3s","persistent":false}`, "timeout")
+	h.fails(t, dom.Name, vm.DetachDisk, `{"path":"`+img+`","timeout":"3s","persistent":false}`, vm.ErrTimeout)
 	if got := h.lv.Disks(dom, false)[target]; got != img {
 		t.Fatalf("after the timed-out detach, live %s is %q, want still %s", target, got, img)
 	}
@@ -368,7 +369,7 @@ func TestAttachToShutoffDomainGoesToConfig(t *testing.T) {
 	if got := h.lv.Disks(dom, true)["vdc"]; got != img {
 		t.Fatalf("config vdc is %q, want %s", got, img)
 	}
-	h.fails(t, dom.Name, vm.AttachDisk, `{"path":"`+img+`","persistent":false}`, "conflict")
+	h.fails(t, dom.Name, vm.AttachDisk, `{"path":"`+img+`","persistent":false}`, vm.ErrConflict)
 	// The disk is in the config, so the domain boots with it.
 	h.ok(t, dom, vm.Start, ``, true, "running")
 	if got := h.lv.Disks(dom, false)["vdc"]; got != img {
@@ -387,7 +388,7 @@ func TestAttachTargetTaken(t *testing.T) {
 	dom := h.lv.Domain("taken", testbed.DomainOptions{})
 	a, b := testbed.DiskImage(t, 1), testbed.DiskImage(t, 1)
 	h.ok(t, dom, vm.AttachDisk, `{"path":"`+a+`","target":"vdb"}`, true, "shutoff")
-	h.fails(t, dom.Name, vm.AttachDisk, `{"path":"`+b+`","target":"vdb"}`, "conflict")
+	h.fails(t, dom.Name, vm.AttachDisk, `{"path":"`+b+`","target":"vdb"}`, vm.ErrConflict)
 	res := h.ok(t, dom, vm.AttachDisk, `{"path":"`+b+`"}`, true, "shutoff")
 	if res.Detail["target"] != "vda" {
 		t.Fatalf("next free target %v, want vda", res.Detail["target"])
@@ -412,10 +413,10 @@ func TestNotFound(t *testing.T) {
 		{missing, vm.DetachDisk, `{"target":"vdb"}`},
 		{"6f1c2b1e-0000-4000-8000-00000000dead", vm.Start, ``},
 	} {
-		h.fails(t, c.vm, c.action, c.params, "not_found")
+		h.fails(t, c.vm, c.action, c.params, vm.ErrNotFound)
 	}
 	dom := h.lv.Domain("noimage", testbed.DomainOptions{})
-	h.fails(t, dom.Name, vm.AttachDisk, `{"path":"`+filepath.Join(filepath.Dir(img), "nope.img")+`"}`, "not_found")
+	h.fails(t, dom.Name, vm.AttachDisk, `{"path":"`+filepath.Join(filepath.Dir(img), "nope.img")+`"}`, vm.ErrNotFound)
 }
 
 // No path outside the disk roots reaches a guest, however it is spelled.
@@ -438,7 +439,7 @@ func TestAttachForbiddenPaths(t *testing.T) {
 		"/dev/null",
 		testbed.ImageRoot(),
 	} {
-		h.fails(t, dom.Name, vm.AttachDisk, `{"path":"`+p+`"}`, "forbidden")
+		h.fails(t, dom.Name, vm.AttachDisk, `{"path":"`+p+`"}`, vm.ErrForbidden)
 	}
 	if disks := h.lv.Disks(dom, false); len(disks) != 0 {
 		t.Fatalf("disks %v reached the domain", disks)
@@ -465,7 +466,7 @@ func TestBadParameters(t *testing.T) {
 		{vm.Stop, `[1,2]`},
 		{vm.Action("explode"), ``},
 	} {
-		h.fails(t, dom.Name, c.action, c.params, "invalid")
+		h.fails(t, dom.Name, c.action, c.params, vm.ErrInvalid)
 	}
 	wantState(t, h.lv, dom, libvirt.DomainRunning)
 }
@@ -585,8 +586,8 @@ func TestAttachPerVMRoots(t *testing.T) {
 		filepath.Join(dir, a.Name, "..", b.Name, "disk.img"),
 		filepath.Join(dir, "disk.img"),
 	} {
-		h.fails(t, a.Name, vm.AttachDisk, `{"path":"`+p+`"}`, "forbidden")
-		h.fails(t, uuidOf(a), vm.AttachDisk, `{"path":"`+p+`"}`, "forbidden")
+		h.fails(t, a.Name, vm.AttachDisk, `{"path":"`+p+`"}`, vm.ErrForbidden)
+		h.fails(t, uuidOf(a), vm.AttachDisk, `{"path":"`+p+`"}`, vm.ErrForbidden)
 	}
 	if disks := h.lv.Disks(a, false); len(disks) != 1 {
 		t.Fatalf("%s has disks %v, want only sda", a.Name, disks)
@@ -616,16 +617,16 @@ func TestAttachSharedDisk(t *testing.T) {
 		holderSymlink    bool // the holder names the file through a symlink
 		attacher         libvirt.Domain
 		attacherReadOnly bool
-		want             string // error code; empty: attached
+		want             error // nil: attached
 	}{
-		{"rw then rw", running, live | config, false, false, off, false, "forbidden"},
-		{"rw then ro", running, live | config, false, false, off, true, "forbidden"},
-		{"ro then rw", running, live | config, true, false, off, false, "forbidden"},
-		{"ro then ro", running, live | config, true, false, off, true, ""},
-		{"rw in the config of a running domain", running, config, false, false, off, true, "forbidden"},
-		{"rw through a symlink", running, live, false, true, off, false, "forbidden"},
-		{"rw in a shut off domain", off, config, false, false, running, false, "forbidden"},
-		{"ro in a shut off domain, then ro", off, config, true, false, running, true, ""},
+		{"rw then rw", running, live | config, false, false, off, false, vm.ErrForbidden},
+		{"rw then ro", running, live | config, false, false, off, true, vm.ErrForbidden},
+		{"ro then rw", running, live | config, true, false, off, false, vm.ErrForbidden},
+		{"ro then ro", running, live | config, true, false, off, true, nil},
+		{"rw in the config of a running domain", running, config, false, false, off, true, vm.ErrForbidden},
+		{"rw through a symlink", running, live, false, true, off, false, vm.ErrForbidden},
+		{"rw in a shut off domain", off, config, false, false, running, false, vm.ErrForbidden},
+		{"ro in a shut off domain, then ro", off, config, true, false, running, true, nil},
 	} {
 		img := testbed.DiskImage(t, 1)
 		held := img
@@ -636,14 +637,14 @@ func TestAttachSharedDisk(t *testing.T) {
 		attachDirect(t, h.lv.Conn(), c.holder, held, "vd"+string(rune('b'+i)), c.holderReadOnly, c.holderFlags)
 		params := fmt.Sprintf(`{"path":%q,"readonly":%v}`, img, c.attacherReadOnly)
 		shutoff := c.attacher.Name == off.Name
-		if c.want != "" {
+		if c.want != nil {
 			h.fails(t, c.attacher.Name, vm.AttachDisk, params, c.want)
 		} else if _, err := h.do(t, c.attacher.Name, vm.AttachDisk, params); err != nil {
 			t.Fatalf("%s: attach to %s: %v", c.name, c.attacher.Name, err)
 		}
 		attached := slices.Contains(slices.Collect(maps.Values(h.lv.Disks(c.attacher, shutoff))), img)
-		if attached != (c.want == "") {
-			t.Fatalf("%s: %s has the image: %v, want %v", c.name, c.attacher.Name, attached, c.want == "")
+		if attached != (c.want == nil) {
+			t.Fatalf("%s: %s has the image: %v, want %v", c.name, c.attacher.Name, attached, c.want == nil)
 		}
 	}
 }

@@ -3,6 +3,7 @@ package vm
 import (
 	"encoding/json"
 	"errors"
+	"fmt"
 	"strings"
 	"syscall"
 	"testing"
@@ -143,23 +144,24 @@ func TestParseAction(t *testing.T) {
 	}
 }
 
-func TestCodeAndMessage(t *testing.T) {
+// TestClassify: every go-libvirt error comes out carrying the sentinel
+// its libvirt error number means, and transport errors are unavailable.
+func TestClassify(t *testing.T) {
 	for _, c := range []struct {
 		err  error
-		code string
+		want error
 	}{
-		{nil, ""},
-		{classify(libvirt.Error{Code: uint32(libvirt.ErrNoDomain), Message: "no domain"}), "not_found"},
-		{classify(libvirt.Error{Code: uint32(libvirt.ErrOperationInvalid), Message: "not running"}), "conflict"},
-		{classify(libvirt.Error{Code: uint32(libvirt.ErrXMLError), Message: "bad xml"}), "invalid"},
-		{classify(libvirt.Error{Code: uint32(libvirt.ErrOperationTimeout), Message: "slow"}), "timeout"},
-		{classify(libvirt.Error{Code: uint32(libvirt.ErrInternalError), Message: "boom"}), "libvirt"},
-		{classify(libvirt.Error{Code: uint32(libvirt.ErrDeviceMissing), Message: "no target device sda"}), "libvirt"},
-		{classify(syscall.ECONNRESET), "unavailable"},
-		{errors.New("plain"), "libvirt"},
+		{classify(libvirt.Error{Code: uint32(libvirt.ErrNoDomain), Message: "no domain"}), ErrNotFound},
+		{classify(libvirt.Error{Code: uint32(libvirt.ErrOperationInvalid), Message: "not running"}), ErrConflict},
+		{classify(libvirt.Error{Code: uint32(libvirt.ErrXMLError), Message: "bad xml"}), ErrInvalid},
+		{classify(libvirt.Error{Code: uint32(libvirt.ErrOperationTimeout), Message: "slow"}), ErrTimeout},
+		{classify(libvirt.Error{Code: uint32(libvirt.ErrInternalError), Message: "boom"}), ErrLibvirt},
+		{classify(libvirt.Error{Code: uint32(libvirt.ErrDeviceMissing), Message: "no target device sda"}), ErrLibvirt},
+		{classify(syscall.ECONNRESET), ErrUnavailable},
+		{classify(fmt.Errorf("%w: already one", ErrConflict)), ErrConflict},
 	} {
-		if got := Code(c.err); got != c.code {
-			t.Errorf("Code(%v) = %q, want %q", c.err, got, c.code)
+		if !errors.Is(c.err, c.want) {
+			t.Errorf("classified %v, want %v", c.err, c.want)
 		}
 	}
 	// A detach tells "device not found" apart: an earlier request may have
@@ -167,9 +169,10 @@ func TestCodeAndMessage(t *testing.T) {
 	if err := classify(libvirt.Error{Code: uint32(libvirt.ErrDeviceMissing), Message: "no target device sda"}); !errors.Is(err, errDeviceMissing) {
 		t.Errorf("device missing classified as %v", err)
 	}
+	// The sentinel's words lead, so the worker can strip them.
 	err := classify(libvirt.Error{Code: uint32(libvirt.ErrOperationInvalid), Message: "domain is not running"})
-	if got := Message(err); got != "domain is not running" {
-		t.Errorf("Message = %q, want the text without the code", got)
+	if got := err.Error(); got != "conflict: domain is not running" {
+		t.Errorf("classified text %q, want the sentinel's words, then libvirt's", got)
 	}
 }
 

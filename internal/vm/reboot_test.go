@@ -22,7 +22,7 @@ func cutReboot(t *testing.T, dom libvirt.Domain) {
 		time.Sleep(time.Second)
 		_ = crashing.lv.Conn().DomainDestroy(dom)
 	}()
-	crashing.fails(t, dom.Name, vm.Reboot, `{"timeout":"60s"}`, "unavailable")
+	crashing.fails(t, dom.Name, vm.Reboot, `{"timeout":"60s"}`, vm.ErrUnavailable)
 	wantState(t, crashing.lv, dom, libvirt.DomainShutoff)
 	if !hasIntent(t, crashing.lv.Conn(), dom, libvirt.DomainAffectConfig) {
 		t.Fatalf("the cut-off reboot left no intent in the config of %s", dom.Name)
@@ -66,7 +66,7 @@ func TestRebootSoftFinishesAfterCrash(t *testing.T) {
 	}
 	// Without the intent, a shut off domain is no reboot's business.
 	h.ok(t, dom, vm.Stop, `{"mode":"force"}`, true, "shutoff")
-	h.fails(t, dom.Name, vm.Reboot, ``, "conflict")
+	h.fails(t, dom.Name, vm.Reboot, ``, vm.ErrConflict)
 	wantState(t, h.lv, dom, libvirt.DomainShutoff)
 }
 
@@ -95,7 +95,7 @@ func TestStartStopClearRebootIntent(t *testing.T) {
 				}
 			}
 			if c.action == vm.Stop {
-				h.fails(t, dom.Name, vm.Reboot, ``, "conflict")
+				h.fails(t, dom.Name, vm.Reboot, ``, vm.ErrConflict)
 				wantState(t, h.lv, dom, libvirt.DomainShutoff)
 			}
 		})
