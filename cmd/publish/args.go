@@ -14,6 +14,7 @@ import (
 	"github.com/nats-io/nuid"
 
 	"github.com/virtbus/virtbus/internal/bus"
+	"github.com/virtbus/virtbus/internal/envload"
 )
 
 const defaultURL = "nats://127.0.0.1:4222"
@@ -82,6 +83,37 @@ Flags:
 // parsing, so -h never prints a secret taken from the environment.
 func parseArgs(args []string, getenv func(string) string, stderr io.Writer) (*config, error) {
 	c := &config{}
+	fs, raw := newFlagSet(c, stderr)
+	if err := fs.Parse(args); err != nil {
+		if err == flag.ErrHelp {
+			return nil, err
+		}
+		// The flag package has printed the error and the usage already.
+		return nil, &exitError{code: exitUsage}
+	}
+	if err := c.fillFromEnv(getenv); err != nil {
+		return nil, err
+	}
+	if err := c.checkFlags(raw); err != nil {
+		return nil, err
+	}
+	if err := c.readPositional(fs.Args(), raw); err != nil {
+		return nil, err
+	}
+	if c.count == 0 && c.id == "" {
+		c.id = nuid.Next()
+	}
+	return c, nil
+}
+
+// rawFlags are the flags parsed further once the mode is known.
+type rawFlags struct {
+	params string
+	vms    string
+}
+
+func newFlagSet(c *config, stderr io.Writer) (*flag.FlagSet, *rawFlags) {
+	raw := &rawFlags{}
 	fs := flag.NewFlagSet("publish", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.Usage = func() {
@@ -105,125 +137,159 @@ func parseArgs(args []string, getenv func(string) string, stderr io.Writer) (*co
 	fs.StringVar(&c.id, "id", "", "command id, the Nats-Msg-Id JetStream deduplicates on: "+idRule+" (default a fresh NUID; load mode: <id>-<n>)")
 	fs.DurationVar(&c.expires, "expires", 0, "the worker runs the command only if it takes it within this long (Virtbus-Expires), else answers code=expired; 0: its own age limit only")
 	fs.BoolVar(&c.core, "core", false, "core-NATS request instead of JetStream, for a worker with VIRTBUS_DELIVERY=core (at most once)")
-	rawParams := fs.String("params", "", "the parameters as one raw JSON object, instead of key=value")
+	fs.StringVar(&raw.params, "params", "", "the parameters as one raw JSON object, instead of key=value")
 	fs.IntVar(&c.count, "count", 0, "load mode: send this many commands")
-	vms := fs.String("vms", "", "load mode: comma-separated VMs to spread the commands over")
+	fs.StringVar(&raw.vms, "vms", "", "load mode: comma-separated VMs to spread the commands over")
 	fs.IntVar(&c.concurrency, "concurrency", 8, "load mode: most commands outstanding at once")
-	if err := fs.Parse(args); err != nil {
-		if err == flag.ErrHelp {
-			return nil, err
-		}
-		// The flag package has printed the error and the usage already.
-		return nil, &exitError{code: exitUsage}
-	}
+	return fs, raw
+}
 
+// environment is what publish reads from VIRTBUS_* variables: the NATS
+// settings are the worker's own struct, so both read the same names.
+type environment struct {
+	NATS struct {
+		bus.NATSSettings
+		InboxPrefix string `split_words:"true"`
+	}
+	Host string
+}
+
+// fillFromEnv gives each connection setting, and the host, that no flag
+// set its variable's value, and then its default.
+func (c *config) fillFromEnv(getenv func(string) string) error {
+	var env environment
+	if err := envload.Load(bus.EnvPrefix, getenv, &env); err != nil {
+		return err
+	}
 	c.conn.Name = "virtbus-publish"
-	fromEnv := func(v *string, key, fallback string) {
-		if *v == "" {
-			*v = getenv(key)
-		}
-		if *v == "" {
-			*v = fallback
+	fromEnv := env.NATS.ConnOptions(c.conn.Name)
+	for _, f := range []struct{ flag, env *string }{
+		{&c.conn.URL, &fromEnv.URL},
+		{&c.conn.Creds, &fromEnv.Creds},
+		{&c.conn.User, &fromEnv.User},
+		{&c.conn.Password, &fromEnv.Password},
+		{&c.conn.Token, &fromEnv.Token},
+		{&c.conn.TLSCA, &fromEnv.TLSCA},
+		{&c.conn.TLSCert, &fromEnv.TLSCert},
+		{&c.conn.TLSKey, &fromEnv.TLSKey},
+		{&c.conn.InboxPrefix, &env.NATS.InboxPrefix},
+		{&c.host, &env.Host},
+	} {
+		if *f.flag == "" {
+			*f.flag = *f.env
 		}
 	}
-	fromEnv(&c.conn.URL, "VIRTBUS_NATS_URL", defaultURL)
-	fromEnv(&c.conn.Creds, "VIRTBUS_NATS_CREDS", "")
-	fromEnv(&c.conn.User, "VIRTBUS_NATS_USER", "")
-	fromEnv(&c.conn.Password, "VIRTBUS_NATS_PASSWORD", "")
-	fromEnv(&c.conn.Token, "VIRTBUS_NATS_TOKEN", "")
-	fromEnv(&c.conn.TLSCA, "VIRTBUS_NATS_TLS_CA", "")
-	fromEnv(&c.conn.TLSCert, "VIRTBUS_NATS_TLS_CERT", "")
-	fromEnv(&c.conn.TLSKey, "VIRTBUS_NATS_TLS_KEY", "")
-	fromEnv(&c.conn.InboxPrefix, "VIRTBUS_NATS_INBOX_PREFIX", "")
-	fromEnv(&c.host, "VIRTBUS_HOST", "")
+	if c.conn.URL == "" {
+		c.conn.URL = defaultURL
+	}
 	if c.host == "" {
 		h, err := hostname()
 		if err != nil {
-			return nil, fmt.Errorf("no -host and no VIRTBUS_HOST, and the hostname is unknown: %w", err)
+			return fmt.Errorf("no -host and no VIRTBUS_HOST, and the hostname is unknown: %w", err)
 		}
 		c.host = bus.HostToken(h)
 	}
-	if !bus.ValidToken(c.host) {
-		return nil, usageErrorf("host %s is not a subject token: want %s", quoteArg(c.host), tokenRule)
-	}
-	if c.timeout <= 0 {
-		return nil, usageErrorf("-timeout must be positive, not %s", c.timeout)
-	}
-	if c.expires < 0 {
-		return nil, usageErrorf("-expires must not be negative, not %s", c.expires)
+	return nil
+}
+
+// checkFlags refuses flag values the worker or NATS would refuse later,
+// and flags that do not go together.
+func (c *config) checkFlags(raw *rawFlags) error {
+	switch {
+	case !bus.ValidToken(c.host):
+		return usageErrorf("host %s is not a subject token: want %s", quoteArg(c.host), tokenRule)
+	case c.timeout <= 0:
+		return usageErrorf("-timeout must be positive, not %s", c.timeout)
+	case c.expires < 0:
+		return usageErrorf("-expires must not be negative, not %s", c.expires)
 	}
 	if err := checkInboxPrefix(c.conn.InboxPrefix); err != nil {
-		return nil, err
+		return err
 	}
+	switch {
+	case c.count < 0:
+		return usageErrorf("-count must not be negative")
+	case c.count == 0 && raw.vms != "":
+		return usageErrorf("-vms is for load mode: give -count too")
+	case c.count > 0 && c.concurrency < 1:
+		return usageErrorf("-concurrency must be at least 1")
+	}
+	return checkID(c.id, c.count)
+}
 
-	pos := fs.Args()
-	if c.count < 0 {
-		return nil, usageErrorf("-count must not be negative")
-	}
-	if c.count == 0 && *vms != "" {
-		return nil, usageErrorf("-vms is for load mode: give -count too")
-	}
-	if c.count > 0 && c.concurrency < 1 {
-		return nil, usageErrorf("-concurrency must be at least 1")
-	}
-	if err := checkID(c.id, c.count); err != nil {
-		return nil, err
-	}
+// readPositional reads ACTION, the VM unless -vms names them, and the
+// parameters.
+func (c *config) readPositional(pos []string, raw *rawFlags) error {
 	if len(pos) == 0 {
-		return nil, usageErrorf("missing ACTION")
+		return usageErrorf("missing ACTION")
 	}
 	c.action, pos = pos[0], pos[1:]
 	if !bus.ValidToken(c.action) {
-		return nil, usageErrorf("action %s is not a subject token: want %s", quoteArg(c.action), tokenRule)
+		return usageErrorf("action %s is not a subject token: want %s", quoteArg(c.action), tokenRule)
 	}
-
-	if *vms != "" {
-		for v := range strings.SplitSeq(*vms, ",") {
-			v = strings.TrimSpace(v)
-			if v == "" {
-				continue
-			}
-			if !bus.ValidToken(v) {
-				return nil, usageErrorf("vm %s in -vms is not a subject token (%s): address it by its UUID", quoteArg(v), tokenRule)
-			}
-			c.vms = append(c.vms, v)
-		}
-		if len(c.vms) == 0 {
-			return nil, usageErrorf("-vms names no VM")
-		}
-		if len(pos) > 0 && !strings.Contains(pos[0], "=") {
-			return nil, usageErrorf("give the VMs either with -vms or as the VM argument, not both (%q)", pos[0])
-		}
-	} else {
-		if len(pos) == 0 {
-			return nil, usageErrorf("missing VM after ACTION %q", c.action)
-		}
-		vm := pos[0]
-		pos = pos[1:]
-		if !bus.ValidToken(vm) {
-			return nil, usageErrorf("vm %s is not a subject token (%s): address it by its UUID", quoteArg(vm), tokenRule)
-		}
-		c.vm = vm
-		c.vms = []string{vm}
-	}
-
 	var err error
+	if raw.vms != "" {
+		err = c.readVMList(raw.vms, pos)
+	} else {
+		pos, err = c.readVM(pos)
+	}
+	if err != nil {
+		return err
+	}
 	switch {
-	case *rawParams != "" && len(pos) > 0:
-		return nil, usageErrorf("-params and key=value arguments cannot be combined")
-	case *rawParams != "":
-		c.params, err = objectParams(*rawParams)
+	case raw.params != "" && len(pos) > 0:
+		return usageErrorf("-params and key=value arguments cannot be combined")
+	case raw.params != "":
+		c.params, err = objectParams(raw.params)
 	default:
 		c.params, err = keyValueParams(pos)
 	}
-	if err != nil {
-		return nil, err
-	}
+	return err
+}
 
-	if c.count == 0 && c.id == "" {
-		c.id = nuid.Next()
+// readVMList reads -vms; the positional arguments after ACTION must then
+// be parameters only.
+func (c *config) readVMList(list string, pos []string) error {
+	for v := range strings.SplitSeq(list, ",") {
+		v = strings.TrimSpace(v)
+		if v == "" {
+			continue
+		}
+		if !bus.ValidToken(v) {
+			return usageErrorf("vm %s in -vms is not a subject token (%s): address it by its UUID", quoteArg(v), tokenRule)
+		}
+		c.vms = append(c.vms, v)
 	}
-	return c, nil
+	if len(c.vms) == 0 {
+		return usageErrorf("-vms names no VM")
+	}
+	if len(pos) > 0 && !strings.Contains(pos[0], "=") {
+		return usageErrorf("give the VMs either with -vms or as the VM argument, not both (%q)", pos[0])
+	}
+	return nil
+}
+
+// readVM reads the VM argument and returns the arguments after it.
+func (c *config) readVM(pos []string) ([]string, error) {
+	if len(pos) == 0 {
+		return nil, usageErrorf("missing VM after ACTION %q", c.action)
+	}
+	vm := pos[0]
+	if !bus.ValidToken(vm) {
+		return nil, usageErrorf("vm %s is not a subject token (%s): address it by its UUID", quoteArg(vm), tokenRule)
+	}
+	c.vm, c.vms = vm, []string{vm}
+	return pos[1:], nil
+}
+
+// command is the bus command for vm with id; its deadline, when -expires
+// asks for one, counts from now.
+func (c *config) command(vm, id string) bus.Cmd {
+	cmd := bus.Cmd{VM: vm, Action: c.action, ID: id, Params: c.params}
+	if c.expires > 0 {
+		cmd.Expires = time.Now().Add(c.expires)
+	}
+	return cmd
 }
 
 // keyValueParams builds the JSON params object from key=value arguments:

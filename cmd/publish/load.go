@@ -16,23 +16,10 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nuid"
 
 	"github.com/virtbus/virtbus/internal/bus"
 )
-
-// loader sends the commands of load mode. All completions arrive on one
-// inbox and are matched to their command by id.
-type loader struct {
-	nc    *nats.Conn
-	js    jetstream.JetStream
-	c     *config
-	inbox string
-
-	mu      sync.Mutex
-	waiting map[string]chan *bus.Completion
-}
 
 // outcome is what happened to one command of the batch.
 type outcome struct {
@@ -45,32 +32,35 @@ type outcome struct {
 	latency     time.Duration // publish to completion (to PubAck with -wait=false)
 }
 
-func runLoad(ctx context.Context, nc *nats.Conn, c *config, stdout, stderr io.Writer) error {
-	l := &loader{nc: nc, c: c, waiting: make(map[string]chan *bus.Completion)}
-	if !c.core {
-		js, err := jetstream.New(nc)
-		if err != nil {
-			return fmt.Errorf("jetstream: %w", err)
-		}
-		l.js = js
-		if c.wait {
-			l.inbox = nc.NewInbox()
-			sub, err := nc.Subscribe(l.inbox, l.deliver)
-			if err != nil {
-				return fmt.Errorf("subscribe to reply inbox: %w", err)
-			}
-			defer sub.Unsubscribe()
-		}
+// runLoad sends the batch, prints its summary and returns the exit its
+// worst outcome calls for. All completions come to the client's one reply
+// inbox.
+func runLoad(ctx context.Context, nc *nats.Conn, c *config, stdout io.Writer) error {
+	client, err := bus.NewClient(nc, c.host, bus.Core(c.core))
+	if err != nil {
+		return err
 	}
+	defer client.Close()
+	start := time.Now()
+	outs := sendAll(ctx, c, func(id, vm string) outcome { return send(ctx, client, c, id, vm) })
+	s := summarize(c, outs, time.Since(start))
+	if err := s.print(stdout, c.json); err != nil {
+		return err
+	}
+	return s.exitError(ctx, c)
+}
 
+// sendAll runs send for each command of the batch, at most -concurrency at
+// once, and stops launching once the run is interrupted or a publish
+// failed: the next ones would fail the same way.
+func sendAll(ctx context.Context, c *config, send func(id, vm string) outcome) []outcome {
 	var (
 		mu     sync.Mutex
 		outs   = make([]outcome, 0, c.count)
-		failed atomic.Bool // a publish failed: stop sending, it would fail again
+		failed atomic.Bool
 		wg     sync.WaitGroup
 		sem    = make(chan struct{}, c.concurrency)
 	)
-	start := time.Now()
 launch:
 	for i := range c.count {
 		select {
@@ -81,11 +71,10 @@ launch:
 		if failed.Load() {
 			break
 		}
-		id := nuidOr(c.id, i)
-		vm := c.vms[i%len(c.vms)]
+		id, vm := nuidOr(c.id, i), c.vms[i%len(c.vms)]
 		wg.Go(func() {
 			defer func() { <-sem }()
-			o := l.send(ctx, id, vm)
+			o := send(id, vm)
 			if o.pubErr != nil {
 				failed.Store(true)
 			}
@@ -95,27 +84,7 @@ launch:
 		})
 	}
 	wg.Wait()
-	if c.core && !c.wait {
-		if err := nc.Flush(); err != nil {
-			return fmt.Errorf("flush: %w", err)
-		}
-	}
-
-	s := summarize(c, outs, time.Since(start))
-	if err := s.print(stdout, c.json); err != nil {
-		return err
-	}
-	switch {
-	case s.Interrupted > 0 || ctx.Err() != nil:
-		return stopped(ctx, "sending "+c.action+" commands")
-	case s.firstPubErr != nil:
-		return &exitError{code: exitFailed, err: fmt.Errorf("stopped sending after a publish failed: %w", s.firstPubErr)}
-	case s.Timeouts > 0:
-		return &exitError{code: exitTimeout, err: fmt.Errorf("%d of %d commands had no completion within %s", s.Timeouts, s.Count, c.timeout)}
-	case s.Errors > 0:
-		return &exitError{code: exitFailed, err: fmt.Errorf("%d of %d commands ended in an error completion", s.Errors, s.Count)}
-	}
-	return nil
+	return outs
 }
 
 // nuidOr is the id of the i-th command: <prefix>-<i+1> when -id was given,
@@ -127,106 +96,54 @@ func nuidOr(prefix string, i int) string {
 	return nuid.Next()
 }
 
-// deliver routes a completion from the shared inbox to its waiting command.
-// Others (late, repeated, not ours) are dropped.
-func (l *loader) deliver(m *nats.Msg) {
-	var comp bus.Completion
-	if err := json.Unmarshal(m.Data, &comp); err != nil {
-		return
-	}
-	l.mu.Lock()
-	ch := l.waiting[comp.ID]
-	l.mu.Unlock()
-	if ch == nil {
-		return
-	}
-	select {
-	case ch <- &comp:
-	default: // a second completion for the id: the first one counts
-	}
-}
-
-func (l *loader) expect(id string) chan *bus.Completion {
-	ch := make(chan *bus.Completion, 1)
-	l.mu.Lock()
-	l.waiting[id] = ch
-	l.mu.Unlock()
-	return ch
-}
-
-func (l *loader) forget(id string) {
-	l.mu.Lock()
-	delete(l.waiting, id)
-	l.mu.Unlock()
-}
-
-func (l *loader) send(ctx context.Context, id, vm string) (o outcome) {
-	c := l.c
+// send sends one command of the batch and, unless -wait=false, waits for
+// its completion; a command the stream dropped as a duplicate gets the
+// recorded completion of the first one with its id.
+func send(ctx context.Context, client *bus.Client, c *config, id, vm string) (o outcome) {
 	tctx, cancel := context.WithTimeout(ctx, c.timeout)
 	defer cancel()
-	subject := bus.CommandSubject(c.host, vm, c.action)
-	msg := withDeadline(commandMsg(subject, id, c.params), c.expires)
+	cmd := c.command(vm, id)
 	begin := time.Now()
-	ended := func(err error) outcome {
-		switch {
-		case ctx.Err() != nil:
-			o.interrupted = true
-		case errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout):
-			o.timedOut = true
-		default:
-			o.pubErr = publishError(ctx, err, subject, c)
-		}
-		return o
-	}
-
-	if c.core {
-		if !c.wait {
-			if err := l.nc.PublishMsg(msg); err != nil {
-				return ended(err)
-			}
-			o.published, o.latency = true, time.Since(begin)
-			return o
-		}
-		resp, err := l.nc.RequestMsgWithContext(tctx, msg)
-		if errors.Is(err, nats.ErrNoResponders) {
-			o.pubErr = fmt.Errorf("request %s: no worker is subscribed (core mode)", subject)
-			return o
-		}
-		if err != nil {
-			return ended(err)
-		}
-		o.published, o.latency = true, time.Since(begin)
-		comp, err := decodeCoreReply(resp.Data)
-		if err != nil {
-			o.pubErr = fmt.Errorf("reply to %s: %w", subject, err)
-			return o
-		}
-		o.comp = comp
-		return o
-	}
-
-	var ch chan *bus.Completion
-	if c.wait {
-		ch = l.expect(id)
-		defer l.forget(id)
-		msg.Header.Set(bus.HeaderReply, l.inbox)
-	}
-	ack, err := l.js.PublishMsg(tctx, msg)
-	if err != nil {
-		return ended(err)
-	}
-	o.published, o.duplicate = true, ack.Duplicate
 	if !c.wait {
-		o.latency = time.Since(begin)
+		ack, err := client.Send(tctx, cmd)
+		if err != nil {
+			return o.ended(ctx, err, vm, c)
+		}
+		o.published, o.duplicate, o.latency = true, ack != nil && ack.Duplicate, time.Since(begin)
 		return o
 	}
-	select {
-	case comp := <-ch:
-		o.comp, o.latency = comp, time.Since(begin)
-		return o
-	case <-tctx.Done():
-		return ended(tctx.Err())
+	p, err := client.Start(tctx, cmd)
+	if err != nil {
+		return o.ended(ctx, err, vm, c)
 	}
+	defer p.Close()
+	// Core NATS acknowledges nothing: there a command counts as sent once
+	// it is answered.
+	o.published, o.duplicate = !c.core, p.Duplicate()
+	res, err := p.Wait(tctx)
+	if err != nil {
+		return o.ended(ctx, err, vm, c)
+	}
+	o.published, o.comp, o.latency = true, res.Completion, time.Since(begin)
+	return o
+}
+
+// ended records how the command of o failed.
+func (o outcome) ended(ctx context.Context, err error, vm string, c *config) outcome {
+	subject := bus.CommandSubject(c.host, vm, c.action)
+	switch {
+	case ctx.Err() != nil:
+		o.interrupted = true
+	case errors.Is(err, bus.ErrTimeout):
+		o.timedOut = true
+	case errors.Is(err, bus.ErrNoWorker):
+		o.pubErr = fmt.Errorf("request %s: no worker is subscribed (core mode)", subject)
+	case errors.Is(err, bus.ErrBadReply):
+		o.published, o.pubErr = true, fmt.Errorf("reply to %s: %w", subject, err)
+	default:
+		o.pubErr = publishError(ctx, err, vm, c)
+	}
+	return o
 }
 
 // summary is load mode's report; -json prints it as is.
@@ -271,41 +188,10 @@ func summarize(c *config, outs []outcome, wall time.Duration) summary {
 	}
 	var lat []time.Duration
 	for _, o := range outs {
-		switch {
-		case o.pubErr != nil:
-			s.PublishFailures++
-			if s.firstPubErr == nil {
-				s.firstPubErr = o.pubErr
-			}
-			continue
-		case o.interrupted:
-			s.Interrupted++
-		case o.timedOut:
-			s.Timeouts++
-		}
-		if o.published {
-			s.Sent++
-		}
 		// A timeout has no latency; without -wait the latency is the PubAck's.
-		if o.comp != nil || !c.wait && o.published {
+		if s.count(o) && (o.comp != nil || !c.wait && o.published) {
 			lat = append(lat, o.latency)
 		}
-		if o.duplicate {
-			s.Duplicates++
-		}
-		if o.comp == nil {
-			continue
-		}
-		if o.comp.Status == bus.StatusOK {
-			s.OK++
-			continue
-		}
-		s.Errors++
-		code := "unknown"
-		if o.comp.Error != nil {
-			code = o.comp.Error.Code
-		}
-		s.ErrorsByCode[code]++
 	}
 	done := s.OK + s.Errors
 	if !c.wait {
@@ -317,6 +203,57 @@ func summarize(c *config, outs []outcome, wall time.Duration) summary {
 	slices.Sort(lat)
 	s.Latency = latencies{P50: ms(percentile(lat, 50)), P90: ms(percentile(lat, 90)), P99: ms(percentile(lat, 99)), Max: ms(percentile(lat, 100))}
 	return s
+}
+
+// count adds o to the tallies. It reports false for a publish failure,
+// which counts as nothing else.
+func (s *summary) count(o outcome) bool {
+	switch {
+	case o.pubErr != nil:
+		s.PublishFailures++
+		if s.firstPubErr == nil {
+			s.firstPubErr = o.pubErr
+		}
+		return false
+	case o.interrupted:
+		s.Interrupted++
+	case o.timedOut:
+		s.Timeouts++
+	}
+	if o.published {
+		s.Sent++
+	}
+	if o.duplicate {
+		s.Duplicates++
+	}
+	switch {
+	case o.comp == nil:
+	case o.comp.Status == bus.StatusOK:
+		s.OK++
+	default:
+		s.Errors++
+		code := "unknown"
+		if o.comp.Error != nil {
+			code = o.comp.Error.Code
+		}
+		s.ErrorsByCode[code]++
+	}
+	return true
+}
+
+// exitError is the exit the batch's worst outcome calls for.
+func (s summary) exitError(ctx context.Context, c *config) error {
+	switch {
+	case s.Interrupted > 0 || ctx.Err() != nil:
+		return stopped(ctx, "sending "+c.action+" commands")
+	case s.firstPubErr != nil:
+		return &exitError{code: exitFailed, err: fmt.Errorf("stopped sending after a publish failed: %w", s.firstPubErr)}
+	case s.Timeouts > 0:
+		return &exitError{code: exitTimeout, err: fmt.Errorf("%d of %d commands had no completion within %s", s.Timeouts, s.Count, c.timeout)}
+	case s.Errors > 0:
+		return &exitError{code: exitFailed, err: fmt.Errorf("%d of %d commands ended in an error completion", s.Errors, s.Count)}
+	}
+	return nil
 }
 
 // percentile is the nearest-rank percentile of sorted durations.

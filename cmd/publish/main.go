@@ -105,7 +105,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	})
 
 	if cfg.count > 0 {
-		return runLoad(ctx, nc, cfg, stdout, stderr)
+		return runLoad(ctx, nc, cfg, stdout)
 	}
 	return runOne(ctx, nc, cfg, stdout, stderr)
 }
@@ -117,7 +117,7 @@ func waitError(parent context.Context, err error, what string, timeout time.Dura
 	if parent.Err() != nil {
 		return stopped(parent, what)
 	}
-	if errors.Is(err, context.DeadlineExceeded) {
+	if errors.Is(err, bus.ErrTimeout) || errors.Is(err, context.DeadlineExceeded) {
 		return &exitError{code: exitTimeout, err: fmt.Errorf("timed out after %s while %s", timeout, what)}
 	}
 	return fmt.Errorf("%s: %w", what, err)

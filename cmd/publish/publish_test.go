@@ -7,51 +7,27 @@ import (
 	"regexp"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/virtbus/virtbus/internal/bus"
+	"github.com/virtbus/virtbus/internal/bus/bustest"
 )
 
 // runServer starts a real NATS server on a free port: the worker's embedded
 // one with JetStream, or a plain core-NATS one.
 func runServer(t *testing.T, jetStream bool) *server.Server {
 	t.Helper()
-	var s *server.Server
-	var err error
 	if jetStream {
-		s, err = bus.RunEmbedded(t.TempDir(), "127.0.0.1", -1)
-	} else {
-		s, err = server.NewServer(&server.Options{Host: "127.0.0.1", Port: -1, NoLog: true, NoSigs: true})
-		if err == nil {
-			go s.Start()
-			if !s.ReadyForConnections(5 * time.Second) {
-				t.Fatal("nats server not ready")
-			}
-		}
+		return bustest.RunServer(t, bus.RunEmbedded, t.TempDir(), -1)
 	}
-	if err != nil {
-		t.Fatalf("nats server: %v", err)
-	}
-	t.Cleanup(func() {
-		s.Shutdown()
-		s.WaitForShutdown()
-	})
-	return s
-}
-
-func connect(t *testing.T, url string) *nats.Conn {
-	t.Helper()
-	nc, err := nats.Connect(url)
-	if err != nil {
-		t.Fatalf("connect: %v", err)
-	}
-	t.Cleanup(nc.Close)
-	return nc
+	return bustest.RunCoreServer(t)
 }
 
 // received is one command as the test responder saw it.
@@ -115,7 +91,7 @@ func (r *responder) completion(id string) []byte {
 func startJetStreamResponder(t *testing.T, url string) *responder {
 	t.Helper()
 	ctx := t.Context()
-	nc := connect(t, url)
+	nc := bustest.Connect(t, url)
 	js, err := jetstream.New(nc)
 	if err != nil {
 		t.Fatal(err)
@@ -152,7 +128,7 @@ func startJetStreamResponder(t *testing.T, url string) *responder {
 // VIRTBUS_DELIVERY=core does.
 func startCoreResponder(t *testing.T, url string) *responder {
 	t.Helper()
-	nc := connect(t, url)
+	nc := bustest.Connect(t, url)
 	r := &responder{sent: map[string][]byte{}}
 	if _, err := nc.QueueSubscribe("virtbus.cmd.hv1.>", "virtbus-hv1", func(m *nats.Msg) {
 		if b := r.answer(m.Subject, m.Header, m.Data); b != nil {
@@ -388,4 +364,86 @@ func parseTable(out string) map[string]string {
 		m[f[0]] = strings.Join(f[1:], " ")
 	}
 	return m
+}
+
+// commandMsg builds a command by hand, for tests that send what publish
+// never sends, such as a reply subject of the worker's own.
+func commandMsg(subject, id string, params json.RawMessage) *nats.Msg {
+	m := nats.NewMsg(subject)
+	m.Header.Set(bus.HeaderMsgID, id)
+	m.Data = params
+	return m
+}
+
+// startBusWorker runs a real bus worker for hv1, whose handler answers ok
+// and counts its calls: unlike the responders, it records each completion
+// by id, as production does.
+func startBusWorker(t *testing.T, url string) *atomic.Int64 {
+	t.Helper()
+	var calls atomic.Int64
+	handler := func(context.Context, bus.Command) bus.Outcome {
+		calls.Add(1)
+		return bus.Outcome{State: "running"}
+	}
+	w, err := bus.New(bustest.Connect(t, url), bus.Config{Host: "hv1"}, handler, nil, prometheus.NewRegistry())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- w.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("worker: %v", err)
+		}
+	})
+	for deadline := time.Now().Add(15 * time.Second); !w.Ready(); time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("worker not ready")
+		}
+	}
+	return &calls
+}
+
+// TestLoadRepeatedID: a rerun of load mode with the same -id inside the
+// stream's duplicate window has its commands dropped as duplicates. Each
+// still ends with a completion, the first run's from the record, instead
+// of waiting for one that never comes; the commands new to the rerun run.
+func TestLoadRepeatedID(t *testing.T) {
+	s := runServer(t, true)
+	url := s.ClientURL()
+	calls := startBusWorker(t, url)
+	load := func(count string) summary {
+		t.Helper()
+		r := runPublish(t.Context(), url, "-json", "-id", "same", "-count", count, "-vms", "web-1,web-2", "-timeout", "10s", "status")
+		r.want(t, exitOK)
+		var s summary
+		if err := json.Unmarshal([]byte(r.stdout), &s); err != nil {
+			t.Fatalf("summary %q: %v", r.stdout, err)
+		}
+		return s
+	}
+
+	if s := load("5"); s.Sent != 5 || s.OK != 5 || s.Duplicates != 0 {
+		t.Fatalf("first run: %+v", s)
+	}
+	s2 := load("8")
+	if s2.Sent != 8 || s2.OK != 8 || s2.Duplicates != 5 || s2.Timeouts != 0 || s2.Errors != 0 {
+		t.Errorf("rerun: %+v, want 8 ok of which 5 duplicates", s2)
+	}
+	if n := calls.Load(); n != 8 {
+		t.Errorf("the handler ran %d times, want 8: a duplicate ran again", n)
+	}
+
+	// Single mode too: the duplicate's answer is the recorded completion.
+	r := runPublish(t.Context(), url, "-json", "-id", "same-1", "-timeout", "10s", "status", "web-1")
+	r.want(t, exitOK)
+	var c bus.Completion
+	if err := json.Unmarshal([]byte(r.stdout), &c); err != nil || c.ID != "same-1" || c.VM != "web-1" || c.Status != bus.StatusOK {
+		t.Errorf("stdout %q: %v", r.stdout, err)
+	}
+	if !strings.Contains(r.stderr, "duplicate window") {
+		t.Errorf("stderr %q", r.stderr)
+	}
 }

@@ -18,7 +18,6 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nuid"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -168,10 +167,7 @@ func readAPIToken(path string) ([]byte, error) {
 // httpAPI publishes commands to this host's subject like any producer, so
 // HTTP commands queue, order and complete exactly like the others.
 type httpAPI struct {
-	nc   *nats.Conn
-	js   jetstream.JetStream
-	host string
-	core bool
+	client *bus.Client
 	// tokenSum is the SHA-256 of the bearer token, nil when none is asked.
 	// Comparing sums keeps the comparison's time independent of the
 	// token's length too.
@@ -179,11 +175,15 @@ type httpAPI struct {
 }
 
 func newHTTPAPI(nc *nats.Conn, host string, core bool, token []byte) (*httpAPI, error) {
-	js, err := jetstream.New(nc)
+	// The answer comes from the command's event subject, where the worker
+	// publishes every completion whoever sent the command: the worker
+	// answers no reply subject in its own inbox, which is where this
+	// connection's replies would go.
+	client, err := bus.NewClient(nc, host, bus.Core(core), bus.ReplyOnEvents())
 	if err != nil {
 		return nil, err
 	}
-	a := &httpAPI{nc: nc, js: js, host: host, core: core}
+	a := &httpAPI{client: client}
 	if token != nil {
 		sum := sha256.Sum256(token)
 		a.tokenSum = &sum
@@ -233,30 +233,15 @@ func (a *httpAPI) command(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, no.status, map[string]string{"error": no.msg})
 		return
 	}
-	msg := nats.NewMsg(bus.CommandSubject(a.host, cmd.vm, cmd.action))
-	msg.Header.Set(bus.HeaderMsgID, cmd.id)
-	msg.Data = cmd.body
-
-	// The answer comes from the command's event subject, where the worker
-	// publishes every completion whoever sent the command: the worker
-	// answers no reply subject in its own inbox, which is where this
-	// connection's replies would go. Subscribe before publishing, or a fast
-	// completion is missed.
-	var events *nats.Subscription
-	if cmd.wait > 0 {
-		var err error
-		if events, err = a.nc.SubscribeSync(bus.EventSubject(a.host, cmd.vm, cmd.action)); err != nil {
-			writeJSON(w, http.StatusServiceUnavailable, map[string]string{"id": cmd.id, "error": err.Error()})
+	busCmd := bus.Cmd{VM: cmd.vm, Action: cmd.action, ID: cmd.id, Params: cmd.body}
+	pctx, cancel := context.WithTimeout(r.Context(), publishTimeout)
+	defer cancel()
+	if cmd.wait == 0 {
+		ack, err := a.client.Send(pctx, busCmd)
+		if err != nil {
+			writeJSON(w, http.StatusServiceUnavailable, map[string]string{"id": cmd.id, "error": "publish: " + err.Error()})
 			return
 		}
-		defer func() { _ = events.Unsubscribe() }()
-	}
-	ack, err := a.publish(r.Context(), msg)
-	if err != nil {
-		writeJSON(w, http.StatusServiceUnavailable, map[string]string{"id": cmd.id, "error": "publish: " + err.Error()})
-		return
-	}
-	if cmd.wait == 0 {
 		queued := map[string]any{"id": cmd.id}
 		if ack != nil {
 			queued["seq"], queued["duplicate"] = ack.Sequence, ack.Duplicate
@@ -264,35 +249,28 @@ func (a *httpAPI) command(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusAccepted, queued)
 		return
 	}
-	ctx, cancel := context.WithTimeout(r.Context(), cmd.wait)
-	defer cancel()
-	if ack != nil && ack.Duplicate {
-		// The stream dropped this copy, so it runs no more: the first
-		// copy's recorded completion is the answer.
-		c, err := bus.AwaitCompletion(ctx, a.js, a.host, cmd.vm, cmd.action, cmd.id)
-		if err != nil {
-			writeJSON(w, http.StatusGatewayTimeout, map[string]string{"id": cmd.id, "error": fmt.Sprintf("duplicate of a command whose completion is not recorded within %s: %v", cmd.wait, err)})
-			return
-		}
-		writeJSON(w, completionStatus(c), c)
+	p, err := a.client.Start(pctx, busCmd)
+	if err != nil {
+		writeJSON(w, http.StatusServiceUnavailable, map[string]string{"id": cmd.id, "error": "publish: " + err.Error()})
 		return
 	}
-	awaitEvent(ctx, w, events, cmd)
+	defer p.Close()
+	ctx, cancelWait := context.WithTimeout(r.Context(), cmd.wait)
+	defer cancelWait()
+	res, err := p.Wait(ctx)
+	switch {
+	case err != nil && p.Duplicate():
+		writeJSON(w, http.StatusGatewayTimeout, map[string]string{"id": cmd.id, "error": fmt.Sprintf("duplicate of a command whose completion is not recorded within %s: %v", cmd.wait, err)})
+	case err != nil:
+		writeJSON(w, http.StatusGatewayTimeout, map[string]string{"id": cmd.id, "error": fmt.Sprintf("no completion within %s; the command was published and may still run", cmd.wait)})
+	default:
+		writeRaw(w, completionStatus(res.Completion), res.Raw)
+	}
 }
 
-// publish sends the command to JetStream and returns its PubAck or, in core
-// mode, publishes it at most once and returns no ack.
-func (a *httpAPI) publish(ctx context.Context, msg *nats.Msg) (*jetstream.PubAck, error) {
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	if a.core {
-		if err := a.nc.PublishMsg(msg); err != nil {
-			return nil, err
-		}
-		return nil, a.nc.FlushWithContext(ctx)
-	}
-	return a.js.PublishMsg(ctx, msg)
-}
+// publishTimeout bounds the hand-over of a command to NATS (its PubAck,
+// or the flush in core mode).
+const publishTimeout = 10 * time.Second
 
 // readCommand checks everything the client sent, before anything is
 // published. An answer repeats at most maxEcho bytes of a refused value.
@@ -332,23 +310,6 @@ func readCommand(w http.ResponseWriter, r *http.Request) (apiCommand, *refusal) 
 	}
 	cmd.body = body
 	return cmd, nil
-}
-
-// awaitEvent answers with the completion of cmd, skipping those of other
-// commands for the same VM and action.
-func awaitEvent(ctx context.Context, w http.ResponseWriter, events *nats.Subscription, cmd apiCommand) {
-	for {
-		m, err := events.NextMsgWithContext(ctx)
-		if err != nil {
-			writeJSON(w, http.StatusGatewayTimeout, map[string]string{"id": cmd.id, "error": fmt.Sprintf("no completion within %s; the command was published and may still run", cmd.wait)})
-			return
-		}
-		var c bus.Completion
-		if json.Unmarshal(m.Data, &c) == nil && c.ID == cmd.id {
-			writeRaw(w, completionStatus(&c), m.Data)
-			return
-		}
-	}
 }
 
 func writeJSON(w http.ResponseWriter, code int, v any) {

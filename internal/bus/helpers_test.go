@@ -121,7 +121,12 @@ func publishCmd(t *testing.T, js jetstream.JetStream, vm, action, id, body, repl
 	if reply != "" {
 		m.Header.Set(HeaderReply, reply)
 	}
-	ack, err := js.PublishMsg(t.Context(), m)
+	// Not jetstream's default 5 s: on a loaded machine a server that just
+	// made a stream can take longer to answer, and that is not what the
+	// tests look at.
+	ctx, cancel := context.WithTimeout(t.Context(), waitTimeout)
+	defer cancel()
+	ack, err := js.PublishMsg(ctx, m)
 	if err != nil {
 		t.Fatalf("publish %s: %v", id, err)
 	}

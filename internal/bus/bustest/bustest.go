@@ -54,6 +54,25 @@ func RunServer(t testing.TB, start Starter, storeDir string, port int) *server.S
 	return s
 }
 
+// RunCoreServer starts a plain core-NATS server, without JetStream, on a
+// free loopback port for one test.
+func RunCoreServer(t testing.TB) *server.Server {
+	t.Helper()
+	s, err := server.NewServer(&server.Options{Host: "127.0.0.1", Port: -1, NoLog: true, NoSigs: true})
+	if err != nil {
+		t.Fatalf("nats server: %v", err)
+	}
+	go s.Start()
+	if !s.ReadyForConnections(apiTimeout) {
+		t.Fatal("nats server not ready")
+	}
+	t.Cleanup(func() {
+		s.Shutdown()
+		s.WaitForShutdown()
+	})
+	return s
+}
+
 // Connect dials url with opts, the test's name as the connection's name
 // (so the server's view of clients reads), and closes the connection when
 // the test ends.
