@@ -83,10 +83,14 @@ func TestDetachLibvirtdFrozen(t *testing.T) {
 	}
 
 	took, err := detachFrozenAtRequest(t, h, timeout, func() error { _, err := detach("sda"); return err })
-	if !errors.Is(err, vm.ErrUnavailable) || took > bound {
-		t.Fatalf("detach with libvirtd frozen at the request: %v after %s, want unavailable within %s", err, took, bound)
-	}
-	if strings.Contains(err.Error(), "guest") {
+	switch {
+	case err == nil && took <= bound:
+		// The keepalive timed out first and dropped the connection, so the
+		// request went to the next one, which the thaw let through.
+		t.Logf("detach with libvirtd frozen at the request went through on the next connection after %s", took)
+	case !errors.Is(err, vm.ErrUnavailable) || took > bound:
+		t.Fatalf("detach with libvirtd frozen at the request: %v after %s, want unavailable (or done after the thaw) within %s", err, took, bound)
+	case strings.Contains(err.Error(), "guest"):
 		t.Errorf("error %q blames the guest for a daemon that did not answer", err)
 	}
 	// The worker retries an unavailable command; here the test does, until
