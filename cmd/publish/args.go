@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
 	"strings"
 	"time"
 	"unicode"
@@ -40,10 +41,17 @@ type config struct {
 
 	count       int // > 0: load mode
 	concurrency int
+
+	// sub is the subcommand (list, watch, get) in place of an action; vm
+	// is then watch's VM (empty: all) and id get's command id.
+	sub string
 }
 
 const usageHead = `Usage: publish [flags] ACTION VM [key=value ...]
        publish [flags] -count N [-vms a,b,c] ACTION [VM] [key=value ...]
+       publish [flags] list               the host's domains and their state
+       publish [flags] watch [VM]         state changes and completions, until Ctrl-C
+       publish [flags] get ID             the recorded completion of command ID
 
 Sends one command to virtbus.cmd.<host>.<VM>.<ACTION> and, unless -wait=false,
 waits for its completion. JetStream is the default: the command is acked by the
@@ -64,9 +72,19 @@ VM argument), at most -concurrency outstanding, each waiting up to -timeout;
 prints sent, ok, errors by code, timeouts, wall time, throughput and latency
 percentiles (from publish to completion).
 
+For people (list, watch and get are publish's own, never sent as actions):
+  list       the host's domains from KV bucket VIRTBUS_VMS, by name: VM, STATE,
+             REASON, SINCE, UUID (-json: a JSON array)
+  watch      prints virtbus.state.<host>.<VM> and virtbus.evt.<host>.<VM>.* as
+             they come, one line each (-json: each message's JSON); no VM: all
+  get        the completion recorded for command id ID in VIRTBUS_DONE, printed
+             as when publish waits (-json: as recorded); what to ask after exit 3
+  -host, -json, -timeout (bounds the reads of list and get, and watch's
+  subscribing) and the connection flags apply to them; those of sending do not.
+
 Exit status: 0 ok; 1 error completion, publish failure or interrupt;
-2 usage error; 3 no completion within -timeout (outcome unknown). In load mode
-3 wins over 1 when both happened.
+2 usage error; 3 no completion within -timeout (outcome unknown), or for get
+no completion recorded. In load mode 3 wins over 1 when both happened.
 
 Examples:
   publish stop web-1 mode=force
@@ -74,6 +92,9 @@ Examples:
   publish -host hv2 -wait=false reboot 0f3c1e52-7a4b-4c8e-9d1a-2b6f5e4d3c21
   publish -user tenant-a -inbox-prefix _INBOX_tenant-a start web-1
   publish -count 1000 -vms web-1,web-2,web-3 -concurrency 32 start
+  publish -host hv2 list
+  publish watch web-1
+  publish get 2xLhV1mYr0VnJ3hQd8sK4c
 
 Flags:
 `
@@ -93,6 +114,9 @@ func parseArgs(args []string, getenv func(string) string, stderr io.Writer) (*co
 	}
 	if err := c.fillFromEnv(getenv); err != nil {
 		return nil, err
+	}
+	if sub := fs.Arg(0); subcommands[sub].synopsis != "" {
+		return c, c.readSubcommand(fs, raw, sub)
 	}
 	if err := c.checkFlags(raw); err != nil {
 		return nil, err
@@ -133,7 +157,7 @@ func newFlagSet(c *config, stderr io.Writer) (*flag.FlagSet, *rawFlags) {
 		" such as _INBOX_tenant-a; the worker answers only under its VIRTBUS_REPLY_PREFIXES (default $VIRTBUS_NATS_INBOX_PREFIX)")
 	fs.BoolVar(&c.wait, "wait", true, "wait for the completion; false: print the id and stream sequence once the stream has the command")
 	fs.DurationVar(&c.timeout, "timeout", 2*time.Minute, "how long to wait for the PubAck and the completion (per command in load mode)")
-	fs.BoolVar(&c.json, "json", false, "print the completion JSON as the worker sent it (load mode: the summary as JSON)")
+	fs.BoolVar(&c.json, "json", false, "print the completion JSON as the worker sent it (load mode: the summary as JSON; list, watch, get: see above)")
 	fs.StringVar(&c.id, "id", "", "command id, the Nats-Msg-Id JetStream deduplicates on: "+idRule+" (default a fresh NUID; load mode: <id>-<n>)")
 	fs.DurationVar(&c.expires, "expires", 0, "the worker runs the command only if it takes it within this long (Virtbus-Expires), else answers code=expired; 0: its own age limit only")
 	fs.BoolVar(&c.core, "core", false, "core-NATS request instead of JetStream, for a worker with VIRTBUS_DELIVERY=core (at most once)")
@@ -378,3 +402,61 @@ func checkInboxPrefix(p string) error {
 // quoteArg quotes a command-line value for an error message, cut short
 // when it is long.
 func quoteArg(s string) string { return bus.Clip(s, 64) }
+
+// sendFlags are the flags only sending a command reads: with a
+// subcommand they would be silently ignored, so they are refused.
+var sendFlags = []string{"wait", "id", "expires", "core", "params", "count", "vms", "concurrency"}
+
+// subcommands are publish's own commands for people, read where ACTION
+// would be: each with the most positional arguments it takes, and its
+// synopsis to say so. No worker action has these names (README.md,
+// "Actions"), so reserving them takes nothing from a producer.
+var subcommands = map[string]struct {
+	max      int
+	synopsis string
+}{"list": {0, "list"}, "watch": {1, "watch [VM]"}, "get": {1, "get ID"}}
+
+// readSubcommand reads the arguments of subcommand sub (fs.Arg(0)). Its
+// VM and ID go into a subject and a KV key, so they are bounded here as
+// an action's are.
+func (c *config) readSubcommand(fs *flag.FlagSet, raw *rawFlags, sub string) error {
+	var refused []string
+	fs.Visit(func(f *flag.Flag) {
+		if slices.Contains(sendFlags, f.Name) {
+			refused = append(refused, "-"+f.Name)
+		}
+	})
+	if len(refused) > 0 {
+		return usageErrorf("%s sends no command: %s cannot go with it", sub, strings.Join(refused, ", "))
+	}
+	if err := c.checkFlags(raw); err != nil {
+		return err
+	}
+	c.sub = sub
+	args := fs.Args()[1:]
+	if a := subcommands[sub]; len(args) > a.max {
+		return usageErrorf("%s: unexpected argument %s (flags go before %s)", a.synopsis, quoteArg(args[a.max]), sub)
+	}
+	switch {
+	case sub == "watch" && len(args) == 1:
+		if !bus.ValidToken(args[0]) {
+			return usageErrorf("vm %s is not a subject token (%s): watch it by its UUID", quoteArg(args[0]), tokenRule)
+		}
+		c.vm = args[0]
+	case sub == "get" && len(args) == 0:
+		return usageErrorf("missing ID after get")
+	case sub == "get":
+		if !validRecordID(args[0]) {
+			return usageErrorf("id %s: want %s, or '~' and that for an id the worker made", quoteArg(args[0]), idRule)
+		}
+		c.id = args[0]
+	}
+	return nil
+}
+
+// validRecordID reports whether id can have a record: a client's id, or
+// one the worker made for a command without a usable id ('~' and then
+// stream sequence and time, or a NUID), which its completion shows.
+func validRecordID(id string) bool {
+	return bus.ValidID(id) || strings.HasPrefix(id, "~") && bus.ValidID(id[1:])
+}

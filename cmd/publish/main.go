@@ -104,7 +104,14 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		log.Warn("nats async error", "err", err)
 	})
 
-	if cfg.count > 0 {
+	switch {
+	case cfg.sub == "list":
+		return runList(ctx, nc, cfg, stdout, stderr)
+	case cfg.sub == "watch":
+		return runWatch(ctx, nc, cfg, stdout, stderr)
+	case cfg.sub == "get":
+		return runGet(ctx, nc, cfg, stdout)
+	case cfg.count > 0:
 		return runLoad(ctx, nc, cfg, stdout)
 	}
 	return runOne(ctx, nc, cfg, stdout, stderr)
