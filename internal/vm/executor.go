@@ -67,43 +67,11 @@ func NewExecutor(conn *Conn, cfg Config, log *slog.Logger) *Executor {
 // action's JSON parameter object; it may be empty. The error, if any,
 // carries one of the package's sentinels (see Code).
 func (e *Executor) Do(ctx context.Context, vm string, action Action, params json.RawMessage) (Result, error) {
-	switch action {
-	case Start:
-		if err := parseNone(params); err != nil {
-			return Result{}, err
-		}
-		return e.start(ctx, vm)
-	case Stop:
-		p, err := ParseStop(params)
-		if err != nil {
-			return Result{}, err
-		}
-		return e.stop(ctx, vm, p)
-	case Reboot:
-		p, err := ParseReboot(params)
-		if err != nil {
-			return Result{}, err
-		}
-		return e.reboot(ctx, vm, p)
-	case AttachDisk:
-		p, err := ParseAttach(params)
-		if err != nil {
-			return Result{}, err
-		}
-		return e.attach(ctx, vm, p)
-	case DetachDisk:
-		p, err := ParseDetach(params)
-		if err != nil {
-			return Result{}, err
-		}
-		return e.detach(ctx, vm, p)
-	case Status:
-		if err := parseNone(params); err != nil {
-			return Result{}, err
-		}
-		return e.status(ctx, vm)
+	run, ok := runnerOf(action)
+	if !ok {
+		return Result{}, fmt.Errorf("%w: unknown action %q", ErrInvalid, clip(string(action)))
 	}
-	return Result{}, fmt.Errorf("%w: unknown action %q", ErrInvalid, clip(string(action)))
+	return run(e, ctx, vm, params)
 }
 
 // lookup finds a domain by UUID (when vm looks like one) or by name.

@@ -21,6 +21,8 @@ var paramChecks = map[Action]func(t *testing.T, raw json.RawMessage) error{
 	Reboot:     checkReboot,
 	AttachDisk: checkAttach,
 	DetachDisk: checkDetach,
+	Pause:      func(t *testing.T, raw json.RawMessage) error { return parseNone(raw) },
+	Resume:     func(t *testing.T, raw json.RawMessage) error { return parseNone(raw) },
 }
 
 // FuzzParams feeds any action name and parameter bytes to the parsing a
@@ -48,6 +50,8 @@ func FuzzParams(f *testing.F) {
 		{"attach-disk", `{"` + huge + `":1}`},
 		{"detach-disk", `{"target":"vdb","timeout":"5s"}`},
 		{"detach-disk", `{"target":"` + huge + `"}`},
+		{"pause", ``},
+		{"resume", `{"` + huge + `":true}`},
 		{huge, `{}`},
 	} {
 		f.Add(s.action, []byte(s.params))
