@@ -207,8 +207,8 @@ func ParseDetach(raw json.RawMessage) (DetachParams, error) {
 	return p, err
 }
 
-// parseNone accepts only an empty parameter object: start and status take
-// no parameters, and a stray one is probably meant for another action.
+// parseNone accepts only an empty parameter object: start, status, pause and
+// resume take no parameters, and a stray one is probably meant for another action.
 func parseNone(raw json.RawMessage) error {
 	var p struct{}
 	return decode(raw, &p)
