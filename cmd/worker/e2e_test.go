@@ -119,6 +119,13 @@ func TestEveryActionThroughPublish(t *testing.T) {
 		t.Errorf("%s still in the config after detach-disk", target)
 	}
 
+	c = send("pause", dom.Name)
+	wantOK(t, c, true, "paused")
+	wantState(t, lv, dom, libvirt.DomainPaused)
+	c = send("resume", dom.Name)
+	wantOK(t, c, true, "running")
+	wantState(t, lv, dom, libvirt.DomainRunning)
+
 	c = send("reboot", dom.Name, "mode=hard")
 	wantOK(t, c, true, "running")
 	if c.Detail["method"] != "reset" {
