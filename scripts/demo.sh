@@ -75,6 +75,9 @@ pub status "$VM"
 pub attach-disk "$VM" path="$IMAGES/data.img" bus=scsi
 pub attach-disk "$VM" path="$IMAGES/data.img" bus=scsi
 pub detach-disk "$VM" target=sda
+pub pause "$VM"
+pub pause "$VM"
+pub resume "$VM"
 pub reboot "$VM" mode=hard
 pub reboot "$VM" timeout=3s
 pub stop "$VM" timeout=3s
