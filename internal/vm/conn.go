@@ -46,7 +46,12 @@ type Conn struct {
 	mu    sync.Mutex
 	cur   *session      // nil while disconnected
 	ready chan struct{} // closed while cur is usable; replaced on loss
+
+	calls atomic.Uint64 // libvirt calls made, for measuring what an action costs
 }
+
+// Calls is how many libvirt calls the connection made so far.
+func (c *Conn) Calls() uint64 { return c.calls.Load() }
 
 // session is one go-libvirt client, the socket under it, and the device
 // event subscriptions made on it, which end with it.
@@ -312,6 +317,7 @@ func (c *Conn) withSession(ctx context.Context, what string, fn func(s *session)
 // deadline bounds the wait. run's own error carries ErrUnavailable; fn's
 // come as they are.
 func (c *Conn) run(s *session, what string, fn func(l *libvirt.Libvirt) error) error {
+	c.calls.Add(1)
 	var fired atomic.Bool
 	lost := make(chan struct{}) // closed once s is given up: Up is false by then
 	deadline := time.AfterFunc(c.timeout, func() {
