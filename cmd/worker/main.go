@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"sync"
 	"syscall"
+	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/prometheus/client_golang/prometheus"
@@ -51,9 +52,10 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 
 	// Each part is built after what it needs, and its teardown is deferred
 	// where it is built, so shutdown runs in the reverse order: the HTTP
-	// listeners close first, then the libvirt connection (no command runs
-	// any more once w.Run has drained), then the NATS connection (after
-	// the drain's naks were flushed), and the embedded server last.
+	// listeners close first, then the libvirt connection with the domain
+	// watcher (no command runs any more once w.Run has drained) and the
+	// state publisher's last writes, then the NATS connection (after the
+	// drain's naks were flushed), and the embedded server last.
 	nc, closeNATS, err := openNATS(cfg.config, log)
 	if err != nil {
 		return err
@@ -66,7 +68,11 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return err
 	}
 	watchLibvirt(conn, w, reg) // before the connection runs: it reports every change
-	closeLibvirt := keepConnected(conn)
+	states, err := newStateFeed(cfg.config, nc, conn, w, log, reg)
+	if err != nil {
+		return err
+	}
+	closeLibvirt := keepConnected(conn, states)
 	defer closeLibvirt()
 
 	api, err := newHTTPAPI(nc, cfg.Host, cfg.Delivery == bus.DeliveryCore, cfg.apiToken)
@@ -186,13 +192,52 @@ func openNATS(cfg config, log *slog.Logger) (nc *nats.Conn, closeNATS func(), er
 	return nc, func() { nc.Close(); stopServer() }, nil
 }
 
-// keepConnected runs the libvirt connection's reconnect loop until the
-// returned function is called; that closes the connection and waits.
-func keepConnected(conn *vm.Conn) (closeLibvirt func()) {
+// keepConnected runs the libvirt connection's reconnect loop and the feed
+// of domain states until the returned function is called; that closes the
+// connection, stops the watcher with it, and then lets the publisher make
+// its last writes, while NATS is still there.
+func keepConnected(conn *vm.Conn, states *stateFeed) (closeLibvirt func()) {
 	ctx, cancel := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
+	pubCtx, stopPub := context.WithCancel(context.Background())
+	var wg, pub sync.WaitGroup
+	pub.Go(func() { states.pub.Run(pubCtx) })
+	wg.Go(func() { states.watcher.Run(ctx) })
 	wg.Go(func() { conn.Run(ctx) })
-	return func() { cancel(); wg.Wait() }
+	return func() { cancel(); wg.Wait(); stopPub(); pub.Wait() }
+}
+
+// stateFeed carries every change of the host's domains, from libvirt's
+// lifecycle events (whoever caused them), to the state subjects and
+// bucket.
+type stateFeed struct {
+	watcher *vm.Watcher
+	pub     *bus.StatePublisher
+}
+
+// newStateFeed builds the watcher on conn and the publisher it feeds. In
+// core delivery there is no JetStream, so no bucket: the subject only.
+func newStateFeed(cfg config, nc *nats.Conn, conn *vm.Conn, w *bus.Worker, log *slog.Logger, reg prometheus.Registerer) (*stateFeed, error) {
+	pub, err := bus.NewStatePublisher(nc, bus.StateConfig{Host: cfg.Host, Replicas: cfg.StreamReplicas,
+		SubjectOnly: cfg.Delivery == bus.DeliveryCore, Active: w.Active}, log, reg)
+	if err != nil {
+		return nil, err
+	}
+	watcher := vm.NewWatcher(conn, log)
+	watcher.OnChange = func(d vm.DomainInfo, event string) { pub.Update(domainState(cfg.Host, d, event)) }
+	watcher.OnResync = func(all []vm.DomainInfo) {
+		states := make([]bus.DomainState, len(all))
+		for i, d := range all {
+			states[i] = domainState(cfg.Host, d, vm.EventResync)
+		}
+		pub.Resync(states)
+	}
+	return &stateFeed{watcher: watcher, pub: pub}, nil
+}
+
+// domainState is d on host's bus, seen now.
+func domainState(host string, d vm.DomainInfo, event string) bus.DomainState {
+	return bus.DomainState{Host: host, VM: bus.StateVM(d.Name, d.UUID), UUID: d.UUID, State: d.State,
+		Reason: d.Reason, Event: event, At: time.Now().UTC()}
 }
 
 // handler runs one command on the executor and turns the result into the

@@ -45,6 +45,7 @@ func (w *Worker) acquireLease(ctx context.Context, js jetstream.JetStream) (*lea
 			if w.standby.Swap(false) {
 				w.log.Info("lease taken over; this worker is now active", "host", w.cfg.Host)
 			}
+			w.leased.Store(true)
 			return l, nil
 		}
 		if errors.Is(err, jetstream.ErrKeyExists) {

@@ -186,8 +186,9 @@ type Worker struct {
 	// warned names the settings already logged as breaking a promise;
 	// only the fetch loop touches it.
 	warned map[string]bool
-	// standby is set while another worker holds this host's lease.
-	standby atomic.Bool
+	// standby is set while another worker holds this host's lease;
+	// leased once this worker took it.
+	standby, leased atomic.Bool
 	// cons is the consumer to fetch from, set by keepSetUp once everything
 	// is set up and the lease is held; nil meanwhile.
 	cons atomic.Pointer[jetstream.Consumer]
@@ -291,6 +292,14 @@ func (w *Worker) Ready() bool {
 // Standby reports whether another worker holds this host's lease, so
 // this one waits to take over (/readyz says "standby").
 func (w *Worker) Standby() bool { return w.standby.Load() }
+
+// Active reports whether this worker is the one that answers its host:
+// it holds the host's lease (JetStream), or takes commands at all (core,
+// where there is no lease). A standby, and a worker still looking at the
+// lease, is not.
+func (w *Worker) Active() bool {
+	return w.cfg.Delivery == DeliveryCore || w.leased.Load()
+}
 
 // Reconnects is the virtbus_reconnects_total counter of target, for the
 // other connections the worker keeps (target "libvirt"); the bus counts

@@ -1,0 +1,201 @@
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/digitalocean/go-libvirt"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/virtbus/virtbus/internal/bus"
+	"github.com/virtbus/virtbus/internal/bus/bustest"
+	"github.com/virtbus/virtbus/internal/testbed"
+)
+
+// collectStates gathers the state messages of host's domains, by vm.
+func collectStates(t *testing.T, nc *nats.Conn, host string) *bustest.Collector[bus.DomainState] {
+	t.Helper()
+	return bustest.Collect(t, nc, bus.StateSubject(host, "*"), waitTimeout, func(m *nats.Msg) (bus.DomainState, string, error) {
+		var s bus.DomainState
+		err := json.Unmarshal(m.Data, &s)
+		if err == nil && (s.Host != host || m.Subject != bus.StateSubject(host, s.VM) || s.At.IsZero()) {
+			err = fmt.Errorf("state %+v on %s", s, m.Subject)
+		}
+		return s, s.VM, err
+	})
+}
+
+// takeState waits for the next state message of dom that is in state (one
+// of several, separated by |) and has an event and, unless undefined, a
+// reason.
+func takeState(t *testing.T, c *bustest.Collector[bus.DomainState], dom libvirt.Domain, states string) bus.DomainState {
+	t.Helper()
+	return c.Take(t, dom.Name+" "+states, func(s bus.DomainState) bool {
+		return s.VM == dom.Name && s.UUID == uuidOf(dom) && s.Event != "" &&
+			(s.Reason != "" || s.State == "undefined") && strings.Contains("|"+states+"|", "|"+s.State+"|")
+	})
+}
+
+// keyState is the state of host's vm in the bucket: "undefined" when it
+// has no key, or what went wrong reading it.
+func keyState(t *testing.T, js jetstream.JetStream, host, vm string) string {
+	t.Helper()
+	kv, err := js.KeyValue(t.Context(), bus.StateBucket)
+	if err != nil {
+		return err.Error()
+	}
+	e, err := kv.Get(t.Context(), bus.StateKey(host, vm))
+	if errors.Is(err, jetstream.ErrKeyNotFound) {
+		return "undefined"
+	}
+	if err != nil {
+		return err.Error()
+	}
+	var s bus.DomainState
+	if err := json.Unmarshal(e.Value(), &s); err != nil {
+		t.Fatalf("key %s: %s is not a domain state", e.Key(), e.Value())
+	}
+	return s.State
+}
+
+// waitKey polls the bucket until host's vm is in state want.
+func waitKey(t *testing.T, js jetstream.JetStream, host, vm, want string) {
+	t.Helper()
+	deadline := time.Now().Add(waitTimeout)
+	for {
+		got := keyState(t, js, host, vm)
+		if got == want {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("key %s: %s after %s, want %s", bus.StateKey(host, vm), got, waitTimeout, want)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func uuidOf(d libvirt.Domain) string {
+	u := d.UUID
+	return fmt.Sprintf("%x-%x-%x-%x-%x", u[0:4], u[4:6], u[6:8], u[8:10], u[10:16])
+}
+
+// killQEMU kills the QEMU of the running domain name with SIGKILL, as a
+// crash or the OOM killer would.
+func killQEMU(t *testing.T, name string) {
+	t.Helper()
+	b, err := os.ReadFile("/run/libvirt/qemu/" + name + ".pid")
+	if err != nil {
+		t.Fatalf("QEMU pid of %s: %v", name, err)
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil || pid <= 1 {
+		t.Fatalf("QEMU pid of %s: %q", name, b)
+	}
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		t.Fatalf("kill QEMU of %s (pid %d): %v", name, pid, err)
+	}
+}
+
+// Changes made around virtbus (go-libvirt straight to libvirtd, a QEMU
+// killed) and through it reach the state subject and the bucket; an
+// undefined domain's key goes; the gauge has every state.
+func TestStateFollowsLibvirt(t *testing.T) {
+	t.Parallel()
+	lv := testbed.Require(t)
+	srv := bustest.RunServer(t, bus.RunEmbedded, t.TempDir(), -1)
+	url, host := srv.ClientURL(), hostID()
+	nc := bustest.Connect(t, url)
+	js := bustest.JetStream(t, nc)
+	states := collectStates(t, nc, host)
+	e := workerEnv(t, url, host)
+	startWorker(t, e)
+	for _, st := range []string{"running", "paused", "shutdown", "shutoff", "crashed", "pmsuspended"} {
+		if _, ok := metric(waitMetrics(t, "http://"+e["VIRTBUS_METRICS_ADDR"]+"/metrics", nil), `virtbus_domains{state="`+st+`"}`); !ok {
+			t.Errorf("no virtbus_domains series for %s", st)
+		}
+	}
+
+	dom := lv.Domain("state", testbed.DomainOptions{})
+	takeState(t, states, dom, "shutoff")
+	waitKey(t, js, host, dom.Name, "shutoff")
+
+	if err := lv.Conn().DomainCreate(dom); err != nil {
+		t.Fatal(err)
+	}
+	if s := takeState(t, states, dom, "running"); s.Reason != "booted" || s.Event != "started" {
+		t.Errorf("after a start: %+v", s)
+	}
+	waitKey(t, js, host, dom.Name, "running")
+
+	if err := lv.Conn().DomainSuspend(dom); err != nil {
+		t.Fatal(err)
+	}
+	if s := takeState(t, states, dom, "paused"); s.Reason != "user" || s.Event != "suspended" {
+		t.Errorf("after a suspend: %+v", s)
+	}
+	waitKey(t, js, host, dom.Name, "paused")
+
+	// Through virtbus, for once: the command's change is seen the same way.
+	command(t, js, host, dom.Name, "start", "state-resume", "", "")
+	takeState(t, states, dom, "running")
+	waitKey(t, js, host, dom.Name, "running")
+
+	killQEMU(t, dom.Name)
+	s := takeState(t, states, dom, "crashed|shutoff")
+	if s.Reason == "unknown" {
+		t.Errorf("after SIGKILL: %+v, want a reason", s)
+	}
+	waitKey(t, js, host, dom.Name, s.State)
+
+	if err := lv.Conn().DomainUndefine(dom); err != nil {
+		t.Fatal(err)
+	}
+	if s := takeState(t, states, dom, "undefined"); s.Event != "undefined" {
+		t.Errorf("after an undefine: %+v", s)
+	}
+	waitKey(t, js, host, dom.Name, "undefined")
+}
+
+// A worker that starts finds the bucket as the last one left it and puts
+// it right: the key of a domain undefined while no worker ran is deleted
+// (and reported on the subject), one defined meanwhile appears.
+func TestStateResyncAfterWorkerRestart(t *testing.T) {
+	t.Parallel()
+	lv := testbed.Require(t)
+	srv := bustest.RunServer(t, bus.RunEmbedded, t.TempDir(), -1)
+	url, host := srv.ClientURL(), hostID()
+	nc := bustest.Connect(t, url)
+	js := bustest.JetStream(t, nc)
+	states := collectStates(t, nc, host)
+	e := workerEnv(t, url, host)
+
+	gone := lv.Domain("stategone", testbed.DomainOptions{})
+	first := startWorker(t, e)
+	waitKey(t, js, host, gone.Name, "shutoff")
+	if err := first.stop(t); err != nil {
+		t.Fatalf("worker: %v", err)
+	}
+	takeState(t, states, gone, "shutoff") // the first worker's resync
+
+	if err := lv.Conn().DomainUndefine(gone); err != nil {
+		t.Fatal(err)
+	}
+	added := lv.Domain("stateadded", testbed.DomainOptions{})
+	startWorker(t, e.with("VIRTBUS_METRICS_ADDR", freeAddr(t), "VIRTBUS_API_ADDR", freeAddr(t)))
+	waitKey(t, js, host, gone.Name, "undefined")
+	waitKey(t, js, host, added.Name, "shutoff")
+	if s := takeState(t, states, gone, "undefined"); s.Event != "resync" {
+		t.Errorf("swept key reported as %+v, want event resync", s)
+	}
+	if s := takeState(t, states, added, "shutoff"); s.Event != "resync" {
+		t.Errorf("domain defined meanwhile reported as %+v, want event resync", s)
+	}
+}
