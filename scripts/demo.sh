@@ -83,6 +83,10 @@ pub reboot "$VM" timeout=3s
 pub stop "$VM" timeout=3s
 pub stop "$VM"
 
+say "the host's domains as the worker sees them in libvirt (VIRTBUS_VMS)"
+sleep 1 # a change reaches the bucket a moment after libvirt's event
+pub list
+
 say "bad input ends in one error completion each; the worker keeps running"
 pub start no-such-vm
 pub explode "$VM"
