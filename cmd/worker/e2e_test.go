@@ -160,6 +160,10 @@ func TestEveryActionThroughPublish(t *testing.T) {
 	}
 	wantOK(t, c, true, "running")
 	wantState(t, lv, dom, libvirt.DomainRunning)
+
+	// After all that, the worker's view of the domain on the bus agrees
+	// with libvirt's.
+	waitKey(t, bustest.JetStream(t, bustest.Connect(t, url)), host, dom.Name, vm.StateName(lv.State(dom)))
 }
 
 // TestErrorsThroughPublish: every way a command can be wrong ends in one
