@@ -139,6 +139,7 @@ func TestBacklogPublishedWhileNoWorkerRuns(t *testing.T) {
 	if err := p.signal(t, syscall.SIGTERM); err != nil {
 		t.Errorf("worker after SIGTERM: %v, want exit 0", err)
 	}
+	wantBucketAgrees(t, url, host, lv, doms...)
 }
 
 // TestSIGKILLMidBacklog: a worker killed with SIGKILL in the middle of a
@@ -195,6 +196,7 @@ func TestSIGKILLMidBacklog(t *testing.T) {
 		t.Error("no completion has attempt > 1, yet the killed worker held commands it never answered")
 	}
 	bustest.WaitStreamEmpty(t, bustest.JetStream(t, nc), waitTimeout, bus.StreamName)
+	wantBucketAgrees(t, url, host, lv, doms...)
 }
 
 // TestGracefulShutdownFinishesRunningCommand: when run's context ends

@@ -161,9 +161,7 @@ func TestEveryActionThroughPublish(t *testing.T) {
 	wantOK(t, c, true, "running")
 	wantState(t, lv, dom, libvirt.DomainRunning)
 
-	// After all that, the worker's view of the domain on the bus agrees
-	// with libvirt's.
-	waitKey(t, bustest.JetStream(t, bustest.Connect(t, url)), host, dom.Name, vm.StateName(lv.State(dom)))
+	wantBucketAgrees(t, url, host, lv, dom)
 }
 
 // TestErrorsThroughPublish: every way a command can be wrong ends in one
@@ -323,6 +321,7 @@ func TestPerVMOrderWithConcurrency(t *testing.T) {
 	if !overlapped {
 		t.Errorf("no two commands of different VMs ran at the same time with VIRTBUS_CONCURRENCY=4")
 	}
+	wantBucketAgrees(t, url, host, lv, doms...)
 }
 
 // TestDuplicateMsgIDRunsOnce: the same Nats-Msg-Id published twice, before
@@ -388,6 +387,7 @@ func TestDuplicateMsgIDRunsOnce(t *testing.T) {
 		"virtbus_duplicates_suppressed_total":                          0,
 	})
 	wantState(t, lv, dom, libvirt.DomainShutoff)
+	wantBucketAgrees(t, url, host, lv, dom)
 }
 
 // TestCoreModeAnswersPlainRequest: with VIRTBUS_DELIVERY=core a plain NATS

@@ -180,6 +180,7 @@ func TestHTTPAPI(t *testing.T) {
 	if !strings.Contains(page, "\nvirtbus_libvirt_up 1\n") {
 		t.Errorf("/metrics lacks the line \"virtbus_libvirt_up 1\"")
 	}
+	wantBucketAgrees(t, srv.ClientURL(), host, lv, dom)
 }
 
 // TestHTTPAPIRefusesHostileInput: what a browser can send cross-site (no

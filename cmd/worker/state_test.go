@@ -18,6 +18,7 @@ import (
 	"github.com/virtbus/virtbus/internal/bus"
 	"github.com/virtbus/virtbus/internal/bus/bustest"
 	"github.com/virtbus/virtbus/internal/testbed"
+	"github.com/virtbus/virtbus/internal/vm"
 )
 
 // collectStates gathers the state messages of host's domains, by vm.
@@ -197,5 +198,16 @@ func TestStateResyncAfterWorkerRestart(t *testing.T) {
 	}
 	if s := takeState(t, states, added, "shutoff"); s.Event != "resync" {
 		t.Errorf("domain defined meanwhile reported as %+v, want event resync", s)
+	}
+}
+
+// wantBucketAgrees checks, at the end of a test, that the worker's view of
+// each domain on the bus agrees with what libvirt says now, whatever the
+// test put the domains through.
+func wantBucketAgrees(t *testing.T, url, host string, lv *testbed.Live, doms ...libvirt.Domain) {
+	t.Helper()
+	js := bustest.JetStream(t, bustest.Connect(t, url))
+	for _, d := range doms {
+		waitKey(t, js, host, d.Name, vm.StateName(lv.State(d)))
 	}
 }
