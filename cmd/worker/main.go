@@ -63,12 +63,13 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	defer closeNATS()
 
 	conn := vm.NewConn(cfg.LibvirtSocket, cfg.LibvirtURI, cfg.LibvirtTimeout, log)
-	w, err := newBusWorker(cfg.config, nc, vm.NewExecutor(conn, vm.Config{Roots: cfg.roots}, log), log, reg)
+	watcher := vm.NewWatcher(conn, log) // the executor finds domains in its view
+	w, err := newBusWorker(cfg.config, nc, vm.NewExecutor(conn, vm.Config{Roots: cfg.roots, View: watcher}, log), log, reg)
 	if err != nil {
 		return err
 	}
 	watchLibvirt(conn, w, reg) // before the connection runs: it reports every change
-	states, err := newStateFeed(cfg.config, nc, conn, w, log, reg)
+	states, err := newStateFeed(cfg.config, nc, watcher, w, log, reg)
 	if err != nil {
 		return err
 	}
@@ -214,15 +215,14 @@ type stateFeed struct {
 	pub     *bus.StatePublisher
 }
 
-// newStateFeed builds the watcher on conn and the publisher it feeds. In
+// newStateFeed feeds the watcher's changes to a publisher of domain states. In
 // core delivery there is no JetStream, so no bucket: the subject only.
-func newStateFeed(cfg config, nc *nats.Conn, conn *vm.Conn, w *bus.Worker, log *slog.Logger, reg prometheus.Registerer) (*stateFeed, error) {
+func newStateFeed(cfg config, nc *nats.Conn, watcher *vm.Watcher, w *bus.Worker, log *slog.Logger, reg prometheus.Registerer) (*stateFeed, error) {
 	pub, err := bus.NewStatePublisher(nc, bus.StateConfig{Host: cfg.Host, Replicas: cfg.StreamReplicas,
 		SubjectOnly: cfg.Delivery == bus.DeliveryCore, Active: w.Active}, log, reg)
 	if err != nil {
 		return nil, err
 	}
-	watcher := vm.NewWatcher(conn, log)
 	watcher.OnChange = func(d vm.DomainInfo, event string) { pub.Update(domainState(cfg.Host, d, event)) }
 	watcher.OnResync = func(all []vm.DomainInfo) {
 		states := make([]bus.DomainState, len(all))

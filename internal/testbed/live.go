@@ -105,6 +105,16 @@ func transportError(err error) bool {
 	return err != nil && !errors.As(err, &lerr)
 }
 
+// Call runs fn on a connected client, again on the next one when
+// libvirtd went away under it (another package's test may restart the
+// daemon), and fails the test on an error libvirtd answered. fn may run
+// twice: write it so that a second run after a first that got through is
+// fine (look at the state before changing it).
+func (c *Live) Call(what string, fn func(l *libvirt.Libvirt) error) {
+	c.t.Helper()
+	c.call(what, fn)
+}
+
 func (c *Live) call(what string, fn func(l *libvirt.Libvirt) error) {
 	c.t.Helper()
 	if err := c.retry(fn); err != nil {
@@ -119,7 +129,14 @@ func (c *Live) call(what string, fn func(l *libvirt.Libvirt) error) {
 // the test whatever happened meanwhile.
 func (c *Live) Domain(purpose string, o DomainOptions) libvirt.Domain {
 	c.t.Helper()
-	name := Name(purpose)
+	return c.DomainNamed(Name(purpose), o)
+}
+
+// DomainNamed is Domain under a name the test chose, which must be one of
+// its own (from Name): a test that defines a domain again under the same
+// name, say.
+func (c *Live) DomainNamed(name string, o DomainOptions) libvirt.Domain {
+	c.t.Helper()
 	def := domainDef(name)
 	doc, err := def.Marshal()
 	if err != nil {
@@ -173,6 +190,13 @@ func domainDef(name string) libvirtxml.Domain {
 			Controllers: []libvirtxml.DomainController{{Type: "scsi", Model: "virtio-scsi"}},
 		},
 	}
+}
+
+// Remove destroys and undefines dom now, rather than at the end of the
+// test.
+func (c *Live) Remove(dom libvirt.Domain) {
+	c.t.Helper()
+	c.remove(dom)
 }
 
 // remove destroys and undefines dom, tolerating that it is gone already.

@@ -32,6 +32,16 @@ type Config struct {
 	ShutdownRetry time.Duration // default 10s
 	// Poll is how often a state being waited for is looked at.
 	Poll time.Duration // default 200ms
+	// View, when set, names the domains known now (the worker's Watcher):
+	// a command's domain is then found without asking libvirtd. nil: every
+	// action looks its domain up in libvirtd.
+	View DomainView
+}
+
+// DomainView finds a domain by name or UUID among those known now; a
+// Watcher is one.
+type DomainView interface {
+	Lookup(vm string) (DomainInfo, bool)
 }
 
 // Executor runs actions against the domains of one libvirtd.
@@ -100,13 +110,42 @@ func (e *Executor) lookup(ctx context.Context, vm string) (libvirt.Domain, error
 }
 
 // find looks the domain up and reads its state: where every action starts.
+// The state always comes from libvirtd, never from the view: the view
+// hears of a change only after libvirtd's event, and an action decides on
+// the state (a start of a domain that is running does nothing).
 func (e *Executor) find(ctx context.Context, vm string) (libvirt.Domain, libvirt.DomainState, error) {
+	if dom, ok := e.fromView(vm); ok {
+		st, err := e.state(ctx, dom)
+		if !errors.Is(err, ErrNotFound) {
+			return dom, st, err
+		}
+		// The view is behind: the domain was undefined since, and maybe
+		// defined again under the same name with another UUID.
+	}
 	dom, err := e.lookup(ctx, vm)
 	if err != nil {
 		return dom, 0, err
 	}
 	st, err := e.state(ctx, dom)
 	return dom, st, err
+}
+
+// fromView is the domain named (or with the UUID) vm as the view knows
+// it. libvirtd finds a domain by its UUID alone, so that and the name make
+// a handle as good as a lookup's.
+func (e *Executor) fromView(vm string) (libvirt.Domain, bool) {
+	if e.cfg.View == nil {
+		return libvirt.Domain{}, false
+	}
+	d, ok := e.cfg.View.Lookup(vm)
+	if !ok || d.State == StateUndefined {
+		return libvirt.Domain{}, false
+	}
+	u, ok := parseUUID(d.UUID)
+	if !ok {
+		return libvirt.Domain{}, false
+	}
+	return libvirt.Domain{Name: d.Name, UUID: u}, true
 }
 
 // parseUUID reads the 36-character form (or the bare 32 hex digits).

@@ -19,3 +19,7 @@ func CutRebootsAfterShutdown(e *Executor) {
 // BeforeUnplugAsk makes e run fn before every unplug request it sends to
 // libvirtd, after the unplug registered for the removal events.
 func BeforeUnplugAsk(e *Executor, fn func()) { e.beforeUnplugAsk = fn }
+
+// SetView gives e a view of the domains to find them in (the worker gives
+// it its Watcher).
+func SetView(e *Executor, v DomainView) { e.cfg.View = v }
