@@ -104,7 +104,7 @@ func (e *Executor) lookup(ctx context.Context, vm string) (libvirt.Domain, error
 		return err
 	})
 	if errors.Is(err, ErrNotFound) {
-		return dom, fmt.Errorf("%w: domain %q", ErrNotFound, clip(vm))
+		return dom, fmt.Errorf("%w: no domain %q on this host", ErrNotFound, clip(vm))
 	}
 	return dom, err
 }
