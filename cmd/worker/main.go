@@ -21,6 +21,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
+	"github.com/virtbus/virtbus/internal/buildinfo"
 	"github.com/virtbus/virtbus/internal/bus"
 	"github.com/virtbus/virtbus/internal/vm"
 )
@@ -29,11 +30,41 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	err := run(ctx, os.Args[1:], os.Getenv, os.Stdout, os.Stderr)
 	stop()
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "worker:", err)
-		os.Exit(1)
-	}
+	os.Exit(exitCode(err, os.Stderr))
 }
+
+// errUsage marks the errors of a worker started wrong: an unknown flag, an
+// argument, or a configuration configure refuses (a bad VIRTBUS_* value, or
+// a file one names that is missing or bad). Its exit status, 2, tells them
+// from a worker that started and then failed (1), which a retry may fix.
+var errUsage = errors.New("usage error")
+
+// usageError is err, marked as errUsage without a word added to its text.
+type usageError struct{ err error }
+
+func (e usageError) Error() string   { return e.err.Error() }
+func (e usageError) Unwrap() []error { return []error{errUsage, e.err} }
+
+// exitCode prints err and maps it to the exit status `worker -h` documents.
+func exitCode(err error, stderr io.Writer) int {
+	if err == nil {
+		return 0
+	}
+	fmt.Fprintln(stderr, "worker:", err)
+	if errors.Is(err, errUsage) {
+		return 2
+	}
+	return 1
+}
+
+// flagsHelp ends `worker -h`, after the variables.
+const flagsHelp = `
+Flags: -h prints this help, -version the build (version, commit, Go version).
+
+Exit status: 0 after SIGTERM or SIGINT and a graceful drain; 2 on a usage error:
+an unknown flag, an argument, or a configuration refused at start (a bad
+VIRTBUS_* value, or a file one names that cannot be used); 1 on any other error.
+`
 
 // embeddedAddr is where the embedded NATS server listens when no
 // VIRTBUS_NATS_URL is set: loopback only, the standard port, so `publish`
@@ -44,9 +75,9 @@ const (
 )
 
 func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
-	cfg, err := configure(args, getenv, stderr)
+	cfg, err := configure(args, getenv, stdout, stderr)
 	if cfg == nil || err != nil {
-		return err // -h printed the usage, or the configuration is bad
+		return err // -h or -version printed, or the configuration is bad
 	}
 	log, reg := newLogger(cfg.config, stderr), newRegistry()
 
@@ -80,12 +111,14 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if err != nil {
 		return err
 	}
-	var serving sync.WaitGroup
-	closeHTTP, err := startHTTP(cfg.config, api, reg, readiness(w, conn), &serving, log)
+	closeHTTP, err := serveHTTP(cfg.config, api, reg, readiness(w, conn), log)
 	if err != nil {
 		return err
 	}
-	defer func() { closeHTTP(); serving.Wait() }()
+	defer closeHTTP()
+	// systemd hears of the worker from here on: READY=1 once it is ready
+	// or standing by, and watchdog pings through the drain.
+	defer notifySystemd(ctx, newNotifier(getenv, log), serviceState(readiness(w, conn), w.Standby))()
 
 	fmt.Fprintf(stdout, "virtbus worker %s: commands on %s, delivery %s\n", cfg.Host, bus.CommandSubject(cfg.Host, "*", "*"), cfg.Delivery)
 	// Run returns once ctx has ended, the running commands are finished and
@@ -102,11 +135,27 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	return nil
 }
 
+// serveHTTP starts the listeners; closeHTTP closes them and waits for
+// their handlers.
+func serveHTTP(cfg config, api *httpAPI, reg *prometheus.Registry, ready func() (bool, string), log *slog.Logger) (closeHTTP func(), err error) {
+	var serving sync.WaitGroup
+	stop, err := startHTTP(cfg, api, reg, ready, &serving, log)
+	if err != nil {
+		return nil, err
+	}
+	return func() { stop(); serving.Wait() }, nil
+}
+
 // newRegistry holds the worker's metrics, with the Go runtime's and the
-// process's.
+// process's, and virtbus_build_info, so a dashboard shows which build each
+// host runs (the labels of `worker -version`; the value is always 1).
 func newRegistry() *prometheus.Registry {
 	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	info := buildinfo.Read()
+	build := prometheus.NewGauge(prometheus.GaugeOpts{Name: "virtbus_build_info", Help: "Build of the running worker; always 1.",
+		ConstLabels: prometheus.Labels{"version": info.Version, "revision": info.LabelRevision(), "goversion": info.GoVersion}})
+	build.Set(1)
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), build)
 	return reg
 }
 
@@ -127,11 +176,22 @@ type settings struct {
 
 // configure reads the flags and the environment, and everything they name
 // that could be wrong, before anything starts. It returns nil settings
-// and no error when -h printed the usage.
-func configure(args []string, getenv func(string) string, stderr io.Writer) (*settings, error) {
-	if help, err := parseFlags(args, stderr); help || err != nil {
+// and no error when -h or -version printed what they print; every error
+// it returns is a usage error (see errUsage).
+func configure(args []string, getenv func(string) string, stdout, stderr io.Writer) (*settings, error) {
+	if done, err := parseFlags(args, stdout, stderr); done || err != nil {
 		return nil, err
 	}
+	s, err := readSettings(getenv)
+	if err != nil {
+		return nil, usageError{err}
+	}
+	return s, nil
+}
+
+// readSettings loads the configuration and reads and checks the files and
+// directories it names.
+func readSettings(getenv func(string) string) (*settings, error) {
 	cfg, err := loadConfig(getenv)
 	if err != nil {
 		return nil, err
@@ -146,26 +206,28 @@ func configure(args []string, getenv func(string) string, stderr io.Writer) (*se
 	return s, nil
 }
 
-// parseFlags takes -h and nothing else: the configuration is in the
-// environment. help reports that the usage was printed.
-func parseFlags(args []string, stderr io.Writer) (help bool, err error) {
+// parseFlags takes -h and -version and nothing else: the configuration is
+// in the environment. done reports that the usage or the version was
+// printed, and the worker has nothing more to do.
+func parseFlags(args []string, stdout, stderr io.Writer) (done bool, err error) {
 	fs := flag.NewFlagSet("worker", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	fs.Usage = func() { _ = usage(stderr) }
+	version := fs.Bool("version", false, "print the build and exit")
+	fs.Usage = func() { _ = usage(stderr); fmt.Fprint(stderr, flagsHelp) }
 	if err := fs.Parse(args); err != nil {
-		return errors.Is(err, flag.ErrHelp), ignoreHelp(err)
+		if errors.Is(err, flag.ErrHelp) {
+			return true, nil
+		}
+		return false, usageError{err}
 	}
 	if fs.NArg() > 0 {
-		return false, fmt.Errorf("unexpected arguments %q: the worker is configured through VIRTBUS_* variables (worker -h lists them)", fs.Args())
+		return false, usageError{fmt.Errorf("unexpected arguments %q: the worker is configured through VIRTBUS_* variables (worker -h lists them)", fs.Args())}
+	}
+	if *version {
+		_, err := fmt.Fprintln(stdout, buildinfo.Read().Line("worker"))
+		return true, err
 	}
 	return false, nil
-}
-
-func ignoreHelp(err error) error {
-	if errors.Is(err, flag.ErrHelp) {
-		return nil
-	}
-	return err
 }
 
 // openNATS connects to VIRTBUS_NATS_URL, or to an embedded server it
