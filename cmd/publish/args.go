@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"flag"
 	"fmt"
@@ -45,6 +46,11 @@ type config struct {
 	// sub is the subcommand (list, watch, get) in place of an action; vm
 	// is then watch's VM (empty: all) and id get's command id.
 	sub string
+
+	envHost string // VIRTBUS_HOST
+	// checkStream, when set, is asked before a command goes out whether
+	// a stream will take its subject (see jscheck.go).
+	checkStream func(ctx context.Context, subject string) error
 }
 
 const usageHead = `Usage: publish [flags] ACTION VM [key=value ...]
@@ -82,6 +88,22 @@ For people (list, watch and get are publish's own, never sent as actions):
   -host, -json, -timeout (bounds the reads of list and get, and watch's
   subscribing) and the connection flags apply to them; those of sending do not.
 
+Flags may stand anywhere on the line, as -flag or --flag; "--" ends them (for
+a VM or value that starts with '-'). The connection, like the nats CLI's: -s,
+-server or -url; -context NAME reads the nats CLI's saved context NAME. Each
+setting comes from the first of: the flag, VIRTBUS_NATS_*, NATS_* (NATS_URL,
+NATS_USER, NATS_PASSWORD, NATS_CREDS, NATS_NKEY, NATS_CERT, NATS_KEY,
+NATS_CA), the context (-context, else $NATS_CONTEXT), the default. The way to
+log in (creds, nkey, user, token) comes whole from the first of them that
+names one. Without -context or $NATS_CONTEXT no context is read, not even
+the one 'nats context select' chose: publish drives VMs, and should not
+follow a selection made for other work.
+
+Before sending with JetStream, publish asks the server whether a stream
+takes the command's subject (when the user may ask): without JetStream, or
+without such a stream, it sends nothing and exits 1 (use -core for a worker
+with VIRTBUS_DELIVERY=core).
+
 Exit status: 0 ok; 1 error completion, publish failure or interrupt;
 2 usage error; 3 no completion within -timeout (outcome unknown), or for get
 no completion recorded. In load mode 3 wins over 1 when both happened.
@@ -100,29 +122,37 @@ Flags:
 `
 
 // parseArgs reads flags, the environment and the positional arguments.
-// Connection flags left empty fall back to VIRTBUS_* variables after
-// parsing, so -h never prints a secret taken from the environment.
+// Connection flags left empty fall back to the environment and a nats
+// context after parsing, so -h never prints a secret taken from them.
 func parseArgs(args []string, getenv func(string) string, stderr io.Writer) (*config, error) {
 	c := &config{}
-	fs, raw := newFlagSet(c, stderr)
-	if err := fs.Parse(args); err != nil {
-		if err == flag.ErrHelp {
-			return nil, err
-		}
-		// The flag package has printed the error and the usage already.
-		return nil, &exitError{code: exitUsage}
-	}
-	if err := c.fillFromEnv(getenv); err != nil {
+	fs, raw := newFlagSet(c)
+	pos, err := parseInterspersed(fs, args)
+	if err == flag.ErrHelp {
+		fs.SetOutput(stderr)
+		fs.Usage()
 		return nil, err
 	}
-	if sub := fs.Arg(0); subcommands[sub].synopsis != "" {
-		return c, c.readSubcommand(fs, raw, sub)
+	if err != nil {
+		return nil, usageErrorf("%v", err)
+	}
+	if err := c.fillConn(raw, getenv); err != nil {
+		return nil, err
+	}
+	if err := c.fillHost(getenv); err != nil {
+		return nil, err
+	}
+	if len(pos) > 0 && subcommands[pos[0]].synopsis != "" {
+		return c, c.readSubcommand(fs, raw, pos)
 	}
 	if err := c.checkFlags(raw); err != nil {
 		return nil, err
 	}
-	if err := c.readPositional(fs.Args(), raw); err != nil {
+	if err := c.readPositional(pos, raw); err != nil {
 		return nil, err
+	}
+	if !flagSet(fs, "timeout") {
+		c.timeout = defaultWait(c.action, c.params)
 	}
 	if c.count == 0 && c.id == "" {
 		c.id = nuid.Next()
@@ -130,33 +160,74 @@ func parseArgs(args []string, getenv func(string) string, stderr io.Writer) (*co
 	return c, nil
 }
 
-// rawFlags are the flags parsed further once the mode is known.
-type rawFlags struct {
-	params string
-	vms    string
+// parseInterspersed parses flags anywhere on the line, as the nats CLI
+// does: Go's flag package stops at the first positional argument, so it
+// parses again after each one, collecting the positionals. "--" ends the
+// flags; everything after it is positional.
+func parseInterspersed(fs *flag.FlagSet, args []string) ([]string, error) {
+	var pos []string
+	for len(args) > 0 {
+		if err := fs.Parse(args); err != nil {
+			return nil, err
+		}
+		rest := fs.Args()
+		if used := len(args) - len(rest); used > 0 && args[used-1] == "--" {
+			return append(pos, rest...), nil
+		}
+		if len(rest) == 0 {
+			break
+		}
+		pos, args = append(pos, rest[0]), rest[1:]
+	}
+	return pos, nil
 }
 
-func newFlagSet(c *config, stderr io.Writer) (*flag.FlagSet, *rawFlags) {
+// flagSet reports whether the command line set flag name.
+func flagSet(fs *flag.FlagSet, name string) bool {
+	set := false
+	fs.Visit(func(f *flag.Flag) { set = set || f.Name == name })
+	return set
+}
+
+// rawFlags are the flags parsed further once the mode is known.
+type rawFlags struct {
+	params       string
+	vms          string
+	context      string
+	passwordFile string
+}
+
+func newFlagSet(c *config) (*flag.FlagSet, *rawFlags) {
 	raw := &rawFlags{}
 	fs := flag.NewFlagSet("publish", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	// Silent while parsing: a usage error is reported by exitCode with a
+	// one-line usage; -h has parseArgs print the whole.
+	fs.SetOutput(io.Discard)
 	fs.Usage = func() {
 		fmt.Fprint(fs.Output(), usageHead)
 		fs.PrintDefaults()
 	}
-	fs.StringVar(&c.conn.URL, "url", "", "NATS server URL (default $VIRTBUS_NATS_URL, else "+defaultURL+")")
+	fs.StringVar(&c.conn.URL, "url", "", "NATS server URL(s), comma-separated (default $VIRTBUS_NATS_URL, $NATS_URL, the context's url, else "+defaultURL+")")
+	fs.StringVar(&c.conn.URL, "s", "", "alias of -url, as in the nats CLI")
+	fs.StringVar(&c.conn.URL, "server", "", "alias of -url, as in the nats CLI")
+	fs.StringVar(&raw.context, "context", "", "nats CLI context to read the connection from, $XDG_CONFIG_HOME/nats/context/NAME.json (default $NATS_CONTEXT;"+
+		" without either, the nats CLI's selected context is NOT read)")
 	fs.StringVar(&c.host, "host", "", "worker host id of the subject (default $VIRTBUS_HOST, else this machine's hostname made subject-safe)")
-	fs.StringVar(&c.conn.Creds, "creds", "", "NATS credentials file (default $VIRTBUS_NATS_CREDS)")
-	fs.StringVar(&c.conn.User, "user", "", "NATS user (default $VIRTBUS_NATS_USER)")
-	fs.StringVar(&c.conn.Password, "password", "", "NATS password (default $VIRTBUS_NATS_PASSWORD)")
-	fs.StringVar(&c.conn.Token, "token", "", "NATS token (default $VIRTBUS_NATS_TOKEN)")
-	fs.StringVar(&c.conn.TLSCA, "tls-ca", "", "CA file to verify the server (default $VIRTBUS_NATS_TLS_CA)")
-	fs.StringVar(&c.conn.TLSCert, "tls-cert", "", "client certificate file (default $VIRTBUS_NATS_TLS_CERT)")
-	fs.StringVar(&c.conn.TLSKey, "tls-key", "", "client key file (default $VIRTBUS_NATS_TLS_KEY)")
+	fs.StringVar(&c.conn.Creds, "creds", "", "NATS credentials file (default $VIRTBUS_NATS_CREDS, $NATS_CREDS, the context's creds)")
+	fs.StringVar(&c.conn.NKey, "nkey", "", "NATS NKey seed file (default $NATS_NKEY, the context's nkey)")
+	fs.StringVar(&c.conn.User, "user", "", "NATS user (default $VIRTBUS_NATS_USER, $NATS_USER, the context's user)")
+	fs.StringVar(&c.conn.Password, "password", "", "NATS password; on the command line it shows in ps: prefer -password-file or"+
+		" the environment (default $VIRTBUS_NATS_PASSWORD, $NATS_PASSWORD, the context's password)")
+	fs.StringVar(&raw.passwordFile, "password-file", "", "read the NATS password from the first line of this file")
+	fs.StringVar(&c.conn.Token, "token", "", "NATS token (default $VIRTBUS_NATS_TOKEN, the context's token)")
+	fs.StringVar(&c.conn.TLSCA, "tls-ca", "", "CA file to verify the server (default $VIRTBUS_NATS_TLS_CA, $NATS_CA, the context's ca)")
+	fs.StringVar(&c.conn.TLSCert, "tls-cert", "", "client certificate file (default $VIRTBUS_NATS_TLS_CERT, $NATS_CERT, the context's cert)")
+	fs.StringVar(&c.conn.TLSKey, "tls-key", "", "client key file (default $VIRTBUS_NATS_TLS_KEY, $NATS_KEY, the context's key)")
 	fs.StringVar(&c.conn.InboxPrefix, "inbox-prefix", "", "inbox prefix in place of _INBOX, for a user whose NATS permissions keep its replies apart,"+
-		" such as _INBOX_tenant-a; the worker answers only under its VIRTBUS_REPLY_PREFIXES (default $VIRTBUS_NATS_INBOX_PREFIX)")
+		" such as _INBOX_tenant-a; the worker answers only under its VIRTBUS_REPLY_PREFIXES (default $VIRTBUS_NATS_INBOX_PREFIX, the context's inbox_prefix)")
 	fs.BoolVar(&c.wait, "wait", true, "wait for the completion; false: print the id and stream sequence once the stream has the command")
-	fs.DurationVar(&c.timeout, "timeout", 2*time.Minute, "how long to wait for the PubAck and the completion (per command in load mode)")
+	fs.DurationVar(&c.timeout, "timeout", minWait, "how long to wait for the PubAck and the completion (per command in load mode);"+
+		" default for an action: its own timeout parameter (or the worker's default for it) plus "+waitMargin.String()+", at least "+minWait.String())
 	fs.BoolVar(&c.json, "json", false, "print the completion JSON as the worker sent it (load mode: the summary as JSON; list, watch, get: see above)")
 	fs.StringVar(&c.id, "id", "", "command id, the Nats-Msg-Id JetStream deduplicates on: "+idRule+" (default a fresh NUID; load mode: <id>-<n>)")
 	fs.DurationVar(&c.expires, "expires", 0, "the worker runs the command only if it takes it within this long (Virtbus-Expires), else answers code=expired; 0: its own age limit only")
@@ -178,33 +249,51 @@ type environment struct {
 	Host string
 }
 
-// fillFromEnv gives each connection setting, and the host, that no flag
-// set its variable's value, and then its default.
-func (c *config) fillFromEnv(getenv func(string) string) error {
+// fillConn completes the connection from, in order of precedence, the
+// flags, VIRTBUS_*, NATS_* and the nats context, then the default URL
+// (see mergeConn).
+func (c *config) fillConn(raw *rawFlags, getenv func(string) string) error {
 	var env environment
 	if err := envload.Load(bus.EnvPrefix, getenv, &env); err != nil {
 		return err
 	}
-	c.conn.Name = "virtbus-publish"
-	fromEnv := env.NATS.ConnOptions(c.conn.Name)
-	for _, f := range []struct{ flag, env *string }{
-		{&c.conn.URL, &fromEnv.URL},
-		{&c.conn.Creds, &fromEnv.Creds},
-		{&c.conn.User, &fromEnv.User},
-		{&c.conn.Password, &fromEnv.Password},
-		{&c.conn.Token, &fromEnv.Token},
-		{&c.conn.TLSCA, &fromEnv.TLSCA},
-		{&c.conn.TLSCert, &fromEnv.TLSCert},
-		{&c.conn.TLSKey, &fromEnv.TLSKey},
-		{&c.conn.InboxPrefix, &env.NATS.InboxPrefix},
-		{&c.host, &env.Host},
-	} {
-		if *f.flag == "" {
-			*f.flag = *f.env
+	c.envHost = env.Host
+	if raw.passwordFile != "" {
+		if c.conn.Password != "" {
+			return usageErrorf("give -password or -password-file, not both")
 		}
+		pw, err := readPasswordFile(raw.passwordFile)
+		if err != nil {
+			return err
+		}
+		c.conn.Password = pw
 	}
+	fromEnv := env.NATS.ConnOptions("")
+	fromEnv.InboxPrefix = env.NATS.InboxPrefix
+	sources := []bus.ConnOptions{c.conn, fromEnv, natsEnv(getenv)}
+	name := raw.context
+	if name == "" {
+		name = getenv("NATS_CONTEXT")
+	}
+	if name != "" {
+		ctxConn, err := loadContext(name, getenv)
+		if err != nil {
+			return err
+		}
+		sources = append(sources, ctxConn)
+	}
+	c.conn = mergeConn(sources...)
+	c.conn.Name = "virtbus-publish"
 	if c.conn.URL == "" {
 		c.conn.URL = defaultURL
+	}
+	return nil
+}
+
+// fillHost gives the host its default when no -host set it.
+func (c *config) fillHost(getenv func(string) string) error {
+	if c.host == "" {
+		c.host = c.envHost
 	}
 	if c.host == "" {
 		h, err := hostname()
@@ -325,7 +414,7 @@ func keyValueParams(args []string) (json.RawMessage, error) {
 	for _, a := range args {
 		k, v, ok := strings.Cut(a, "=")
 		if !ok || k == "" {
-			return nil, usageErrorf("parameter %q is not key=value (flags go before ACTION)", a)
+			return nil, usageErrorf("parameter %q is not key=value", a)
 		}
 		if _, dup := params[k]; dup {
 			return nil, usageErrorf("parameter %q given twice", k)
@@ -416,10 +505,11 @@ var subcommands = map[string]struct {
 	synopsis string
 }{"list": {0, "list"}, "watch": {1, "watch [VM]"}, "get": {1, "get ID"}}
 
-// readSubcommand reads the arguments of subcommand sub (fs.Arg(0)). Its
+// readSubcommand reads the arguments of subcommand pos[0]. Its
 // VM and ID go into a subject and a KV key, so they are bounded here as
 // an action's are.
-func (c *config) readSubcommand(fs *flag.FlagSet, raw *rawFlags, sub string) error {
+func (c *config) readSubcommand(fs *flag.FlagSet, raw *rawFlags, pos []string) error {
+	sub := pos[0]
 	var refused []string
 	fs.Visit(func(f *flag.Flag) {
 		if slices.Contains(sendFlags, f.Name) {
@@ -433,9 +523,9 @@ func (c *config) readSubcommand(fs *flag.FlagSet, raw *rawFlags, sub string) err
 		return err
 	}
 	c.sub = sub
-	args := fs.Args()[1:]
+	args := pos[1:]
 	if a := subcommands[sub]; len(args) > a.max {
-		return usageErrorf("%s: unexpected argument %s (flags go before %s)", a.synopsis, quoteArg(args[a.max]), sub)
+		return usageErrorf("%s: unexpected argument %s", a.synopsis, quoteArg(args[a.max]))
 	}
 	switch {
 	case sub == "watch" && len(args) == 1:

@@ -132,6 +132,121 @@ func TestParseArgs(t *testing.T) {
 			},
 		},
 		{
+			name: "flags after the action and the VM",
+			args: []string{"start", "web-1", "-json", "mode=x", "--timeout", "5s", "-s", "nats://a:4222"},
+			check: func(t *testing.T, c *config) {
+				if !c.json || c.timeout != 5*time.Second || c.action != "start" || c.vm != "web-1" || c.conn.URL != "nats://a:4222" {
+					t.Errorf("got %+v", c)
+				}
+				if string(c.params) != `{"mode":"x"}` {
+					t.Errorf("params = %s", c.params)
+				}
+			},
+		},
+		{
+			name: "-- ends the flags",
+			args: []string{"-json", "stop", "--", "web-1", "mode=force"},
+			check: func(t *testing.T, c *config) {
+				if !c.json || c.vm != "web-1" || string(c.params) != `{"mode":"force"}` {
+					t.Errorf("got %+v params %s", c, c.params)
+				}
+			},
+		},
+		{
+			name: "flags after a subcommand",
+			args: []string{"watch", "web-1", "--json"},
+			check: func(t *testing.T, c *config) {
+				if c.sub != "watch" || c.vm != "web-1" || !c.json {
+					t.Errorf("got %+v", c)
+				}
+			},
+		},
+		{
+			name: "NATS_URL when no VIRTBUS_NATS_URL",
+			args: []string{"stop", "web-1"},
+			env:  map[string]string{"NATS_URL": "nats://n:1"},
+			check: func(t *testing.T, c *config) {
+				if c.conn.URL != "nats://n:1" {
+					t.Errorf("url %q", c.conn.URL)
+				}
+			},
+		},
+		{
+			name: "VIRTBUS_NATS_URL wins over NATS_URL",
+			args: []string{"stop", "web-1"},
+			env:  map[string]string{"NATS_URL": "nats://n:1", "VIRTBUS_NATS_URL": "nats://v:1"},
+			check: func(t *testing.T, c *config) {
+				if c.conn.URL != "nats://v:1" {
+					t.Errorf("url %q", c.conn.URL)
+				}
+			},
+		},
+		{
+			name: "-s wins over both",
+			args: []string{"-s", "nats://s:1", "stop", "web-1"},
+			env:  map[string]string{"NATS_URL": "nats://n:1", "VIRTBUS_NATS_URL": "nats://v:1"},
+			check: func(t *testing.T, c *config) {
+				if c.conn.URL != "nats://s:1" {
+					t.Errorf("url %q", c.conn.URL)
+				}
+			},
+		},
+		{
+			name: "--server and -url still work",
+			args: []string{"stop", "web-1", "--server", "nats://s:2"},
+			check: func(t *testing.T, c *config) {
+				if c.conn.URL != "nats://s:2" {
+					t.Errorf("url %q", c.conn.URL)
+				}
+			},
+		},
+		{
+			name: "password: VIRTBUS_ over NATS_, NATS_ fills in",
+			args: []string{"stop", "web-1"},
+			env:  map[string]string{"NATS_PASSWORD": "n", "VIRTBUS_NATS_PASSWORD": "v", "NATS_USER": "nu"},
+			check: func(t *testing.T, c *config) {
+				if c.conn.Password != "v" || c.conn.User != "nu" {
+					t.Errorf("conn %+v", c.conn)
+				}
+			},
+		},
+		{
+			name: "default wait: reboot outlasts its 120s default",
+			args: []string{"reboot", "web-1"},
+			check: func(t *testing.T, c *config) {
+				if c.timeout < 150*time.Second {
+					t.Errorf("timeout %s", c.timeout)
+				}
+			},
+		},
+		{
+			name: "default wait: the action's timeout parameter plus a margin",
+			args: []string{"stop", "web-1", "timeout=10m"},
+			check: func(t *testing.T, c *config) {
+				if c.timeout != 10*time.Minute+waitMargin {
+					t.Errorf("timeout %s", c.timeout)
+				}
+			},
+		},
+		{
+			name: "default wait: at least the old default",
+			args: []string{"detach-disk", "web-1", "target=vdb"},
+			check: func(t *testing.T, c *config) {
+				if c.timeout != minWait {
+					t.Errorf("timeout %s", c.timeout)
+				}
+			},
+		},
+		{
+			name: "-timeout given wins over the action's",
+			args: []string{"reboot", "web-1", "-timeout", "5s"},
+			check: func(t *testing.T, c *config) {
+				if c.timeout != 5*time.Second {
+					t.Errorf("timeout %s", c.timeout)
+				}
+			},
+		},
+		{
 			name: "load mode over the VM argument",
 			args: []string{"-count", "3", "start", "web-1"},
 			check: func(t *testing.T, c *config) {
@@ -168,7 +283,7 @@ func TestUsageErrors(t *testing.T) {
 		{"vm full wildcard", []string{"stop", ">"}, "address it by its UUID"},
 		{"action with a dot", []string{"stop.now", "web-1"}, "action"},
 		{"param without =", []string{"stop", "web-1", "force"}, "not key=value"},
-		{"flag after the VM", []string{"stop", "web-1", "-json"}, "flags go before ACTION"},
+		{"flag after -- is a parameter", []string{"stop", "web-1", "--", "-json"}, "not key=value"},
 		{"param without key", []string{"stop", "web-1", "=x"}, "not key=value"},
 		{"param twice", []string{"stop", "web-1", "mode=force", "mode=graceful"}, "given twice"},
 		{"params and key=value", []string{"-params", `{"a":1}`, "stop", "web-1", "mode=force"}, "cannot be combined"},
@@ -198,6 +313,10 @@ func TestUsageErrors(t *testing.T) {
 		{"vms and a VM", []string{"-count", "2", "-vms", "a,b", "stop", "web-1"}, "not both"},
 		{"vms empty", []string{"-count", "2", "-vms", ",", "stop"}, "names no VM"},
 		{"vms bad token", []string{"-count", "2", "-vms", "a,b.c", "stop"}, "UUID"},
+		{"unknown flag after the VM", []string{"stop", "web-1", "-bogus"}, "flag provided but not defined: -bogus"},
+		{"short usage", []string{"-bogus"}, usageLine},
+		{"bad context name", []string{"-context", "../x", "stop", "web-1"}, "want a context name"},
+		{"password and password file", []string{"-password", "x", "-password-file", "/dev/null", "stop", "web-1"}, "not both"},
 	}
 	env := envFunc(map[string]string{"VIRTBUS_HOST": "hv1", "VIRTBUS_NATS_URL": "nats://127.0.0.1:1"})
 	for _, tt := range tests {

@@ -41,13 +41,45 @@ func runLoad(ctx context.Context, nc *nats.Conn, c *config, stdout io.Writer) er
 		return err
 	}
 	defer client.Close()
+	refused, err := checkStreams(ctx, c)
+	if err != nil {
+		return err
+	}
 	start := time.Now()
-	outs := sendAll(ctx, c, func(id, vm string) outcome { return send(ctx, client, c, id, vm) })
+	outs := sendAll(ctx, c, func(id, vm string) outcome {
+		if err := refused[vm]; err != nil {
+			return outcome{}.ended(ctx, err, vm, c)
+		}
+		return send(ctx, client, c, id, vm)
+	})
 	s := summarize(c, outs, time.Since(start))
 	if err := s.print(stdout, c.json); err != nil {
 		return err
 	}
 	return s.exitError(ctx, c)
+}
+
+// checkStreams looks up, once per VM and before anything is sent, whether
+// a stream takes its commands (see streamChecker), and returns the refusal
+// for each VM that has none. The batch then fails those commands as it
+// fails a refused publish, and sends nothing to them.
+func checkStreams(ctx context.Context, c *config) (map[string]error, error) {
+	refused := map[string]error{}
+	if c.checkStream == nil {
+		return refused, nil
+	}
+	for _, vm := range c.vms {
+		if _, seen := refused[vm]; seen {
+			continue
+		}
+		err := c.checkStream(ctx, bus.CommandSubject(c.host, vm, c.action))
+		var ee *exitError
+		if errors.As(err, &ee) {
+			return nil, err // interrupted
+		}
+		refused[vm] = err
+	}
+	return refused, nil
 }
 
 // sendAll runs send for each command of the batch, at most -concurrency at

@@ -12,10 +12,12 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/virtbus/virtbus/internal/bus"
 )
@@ -51,6 +53,9 @@ func (e *exitError) Error() string {
 
 func (e *exitError) Unwrap() error { return e.err }
 
+// usageLine follows a usage error: the whole usage would bury the error.
+const usageLine = "usage: publish [flags] ACTION VM [key=value ...]; publish -h for more"
+
 func usageErrorf(format string, a ...any) error {
 	return &exitError{code: exitUsage, err: fmt.Errorf(format, a...)}
 }
@@ -67,7 +72,7 @@ func exitCode(err error, stderr io.Writer) int {
 			fmt.Fprintln(stderr, "publish:", ee.err)
 		}
 		if ee.code == exitUsage && ee.err != nil {
-			fmt.Fprintln(stderr, "run 'publish -h' for usage")
+			fmt.Fprintln(stderr, usageLine)
 		}
 		return ee.code
 	}
@@ -76,6 +81,9 @@ func exitCode(err error, stderr io.Writer) int {
 }
 
 func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	if len(args) == 1 && (args[0] == "--version" || args[0] == "-version") {
+		return printVersion(stdout)
+	}
 	cfg, err := parseArgs(args, getenv, stderr)
 	if errors.Is(err, flag.ErrHelp) {
 		return nil
@@ -96,13 +104,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	// end the run at once instead, with the server's words.
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
-	nc.SetErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
-		if errors.Is(err, nats.ErrPermissionViolation) {
-			cancel(err)
-			return
-		}
-		log.Warn("nats async error", "err", err)
-	})
+	if err := watchErrors(nc, cfg, cancel, log); err != nil {
+		return err
+	}
 
 	switch {
 	case cfg.sub == "list":
@@ -115,6 +119,37 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return runLoad(ctx, nc, cfg, stdout)
 	}
 	return runOne(ctx, nc, cfg, stdout, stderr)
+}
+
+// watchErrors ends the run on the server's refusal of a subject: the
+// request behind it would just time out. A refused stream lookup only
+// tells the lookup to stand aside (see streamChecker); that is set up
+// here too, for a JetStream send.
+func watchErrors(nc *nats.Conn, cfg *config, cancel context.CancelCauseFunc, log *slog.Logger) error {
+	lookupDenied := make(chan struct{}, 1)
+	nc.SetErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
+		switch {
+		case errors.Is(err, nats.ErrPermissionViolation) && strings.Contains(err.Error(), apiStreamNames):
+			select {
+			case lookupDenied <- struct{}{}:
+			default:
+			}
+		case errors.Is(err, nats.ErrPermissionViolation):
+			cancel(err)
+		default:
+			log.Warn("nats async error", "err", err)
+		}
+	})
+	if cfg.sub != "" || cfg.core {
+		return nil
+	}
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return fmt.Errorf("jetstream: %w", err)
+	}
+	sc := &streamChecker{js: js, denied: lookupDenied}
+	cfg.checkStream = sc.check
+	return nil
 }
 
 // waitError turns the end of a wait into the right exit code: the run's

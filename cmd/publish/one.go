@@ -27,6 +27,11 @@ func runOne(ctx context.Context, nc *nats.Conn, c *config, stdout, stderr io.Wri
 		return err
 	}
 	defer client.Close()
+	if c.checkStream != nil {
+		if err := c.checkStream(ctx, bus.CommandSubject(c.host, c.vm, c.action)); err != nil {
+			return publishError(ctx, err, c.vm, c)
+		}
+	}
 	cmd := c.command(c.vm, c.id)
 	if !c.wait {
 		return enqueueOne(ctx, tctx, client, c, cmd, stdout, stderr)
@@ -70,6 +75,9 @@ func noteDuplicate(stderr io.Writer, ack *jetstream.PubAck, id string) {
 func publishError(ctx context.Context, err error, vm string, c *config) error {
 	subject := bus.CommandSubject(c.host, vm, c.action)
 	switch {
+	case errors.Is(err, errNoJetStream):
+		return fmt.Errorf("%s: the server has no JetStream (not for this user's account, at least), so the command was NOT sent:"+
+			" for a worker with VIRTBUS_DELIVERY=core use -core", subject)
 	case errors.Is(err, bus.ErrNoStream):
 		return fmt.Errorf("%s: no JetStream stream takes this subject, so the command was NOT queued:"+
 			" start a worker on host %q (it creates stream VIRTBUS_CMD) or create the stream as deploy/ shows;"+

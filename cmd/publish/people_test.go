@@ -350,7 +350,7 @@ func TestSubcommandUsageErrors(t *testing.T) {
 		want string
 	}{
 		{[]string{"list", "web-1"}, `unexpected argument "web-1"`},
-		{[]string{"list", "-json"}, "flags go before list"},
+		{[]string{"list", "-count", "3"}, "list sends no command: -count cannot go with it"}, // flags after the subcommand are read too
 		{[]string{"watch", "a", "b"}, `unexpected argument "b"`},
 		{[]string{"watch", "web.example"}, "watch it by its UUID"},
 		{[]string{"watch", "*"}, "watch it by its UUID"},

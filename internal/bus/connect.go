@@ -14,6 +14,7 @@ type ConnOptions struct {
 	URL      string
 	Name     string // client name shown by the server
 	Creds    string // path to a .creds file
+	NKey     string // path to an NKey seed file (nats CLI --nkey)
 	User     string
 	Password string
 	Token    string
@@ -82,6 +83,14 @@ func Connect(o ConnOptions, log *slog.Logger) (*nats.Conn, error) {
 	switch {
 	case o.Creds != "":
 		opts = append(opts, nats.UserCredentials(o.Creds))
+	case o.NKey != "":
+		// Read at connect, so a missing or bad seed file fails at once
+		// rather than at every reconnect.
+		opt, err := nats.NkeyOptionFromSeed(o.NKey)
+		if err != nil {
+			return nil, fmt.Errorf("nkey seed %s: %w", o.NKey, err)
+		}
+		opts = append(opts, opt)
 	case o.User != "":
 		opts = append(opts, nats.UserInfo(o.User, o.Password))
 	case o.Token != "":
