@@ -4,7 +4,7 @@ export PATH := $(PATH):/usr/local/go/bin
 GO ?= go
 BIN := bin
 
-.PHONY: all build test unit-test fuzz demo vet fmt-check libvirt-up libvirt-down bench clean
+.PHONY: all build test unit-test fuzz demo vet fmt-check lint-deploy libvirt-up libvirt-down bench clean
 
 all: build
 
@@ -57,6 +57,13 @@ SEED ?=
 .PHONY: chaos
 chaos: libvirt-up
 	VIRTBUS_CHAOS=$(CHAOS) VIRTBUS_CHAOS_SEED=$(SEED) $(GO) test -tags chaos -count=1 -v -timeout 60m ./internal/chaos -run TestChaos
+
+# Checks deploy/ with the real tools: promtool (alert rules, their unit
+# tests in deploy/alerts_test.yml, the scrape config), nats-server -t,
+# systemd-analyze verify, and docker compose config where it exists. The
+# first run fetches promtool and nats-server into ~/.cache (under a minute).
+lint-deploy:
+	scripts/lint-deploy.sh
 
 libvirt-up:
 	scripts/libvirt-up.sh
