@@ -59,7 +59,9 @@ func exitCode(err error, stderr io.Writer) int {
 
 // flagsHelp ends `worker -h`, after the variables.
 const flagsHelp = `
-Flags: -h prints this help, -version the build (version, commit, Go version).
+Flags: -h prints this help, -version the build (version, commit, Go version),
+-healthcheck asks the running worker's /readyz (on VIRTBUS_METRICS_ADDR) and
+exits 0 if it answers 200, 1 otherwise (for a container's HEALTHCHECK).
 
 Exit status: 0 after SIGTERM or SIGINT and a graceful drain; 2 on a usage error:
 an unknown flag, an argument, or a configuration refused at start (a bad
@@ -176,11 +178,15 @@ type settings struct {
 
 // configure reads the flags and the environment, and everything they name
 // that could be wrong, before anything starts. It returns nil settings
-// and no error when -h or -version printed what they print; every error
+// and no error when -h or -version printed what they print, and nil
+// settings with the check's result after -healthcheck; every other error
 // it returns is a usage error (see errUsage).
 func configure(args []string, getenv func(string) string, stdout, stderr io.Writer) (*settings, error) {
-	if done, err := parseFlags(args, stdout, stderr); done || err != nil {
+	switch m, err := parseFlags(args, stdout, stderr); {
+	case err != nil || m == modeDone:
 		return nil, err
+	case m == modeHealthcheck:
+		return nil, healthcheck(getenv, stdout)
 	}
 	s, err := readSettings(getenv)
 	if err != nil {
@@ -206,28 +212,41 @@ func readSettings(getenv func(string) string) (*settings, error) {
 	return s, nil
 }
 
-// parseFlags takes -h and -version and nothing else: the configuration is
-// in the environment. done reports that the usage or the version was
-// printed, and the worker has nothing more to do.
-func parseFlags(args []string, stdout, stderr io.Writer) (done bool, err error) {
+// mode is what the flags ask of the process.
+type mode int
+
+const (
+	modeRun         mode = iota // run the worker
+	modeDone                    // -h or -version printed what it prints
+	modeHealthcheck             // ask a running worker's /readyz
+)
+
+// parseFlags takes -h, -version and -healthcheck and nothing else: the
+// configuration is in the environment.
+func parseFlags(args []string, stdout, stderr io.Writer) (mode, error) {
 	fs := flag.NewFlagSet("worker", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	version := fs.Bool("version", false, "print the build and exit")
+	check := fs.Bool("healthcheck", false, "ask the running worker's /readyz; exit 0 if ready, else 1")
 	fs.Usage = func() { _ = usage(stderr); fmt.Fprint(stderr, flagsHelp) }
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
-			return true, nil
+			return modeDone, nil
 		}
-		return false, usageError{err}
+		return modeRun, usageError{err}
 	}
-	if fs.NArg() > 0 {
-		return false, usageError{fmt.Errorf("unexpected arguments %q: the worker is configured through VIRTBUS_* variables (worker -h lists them)", fs.Args())}
-	}
-	if *version {
+	switch {
+	case fs.NArg() > 0:
+		return modeRun, usageError{fmt.Errorf("unexpected arguments %q: the worker is configured through VIRTBUS_* variables (worker -h lists them)", fs.Args())}
+	case *version && *check:
+		return modeRun, usageError{errors.New("-version and -healthcheck: give one")}
+	case *version:
 		_, err := fmt.Fprintln(stdout, buildinfo.Read().Line("worker"))
-		return true, err
+		return modeDone, err
+	case *check:
+		return modeHealthcheck, nil
 	}
-	return false, nil
+	return modeRun, nil
 }
 
 // openNATS connects to VIRTBUS_NATS_URL, or to an embedded server it
