@@ -17,8 +17,9 @@ var ErrNotRecorded = errors.New("no completion recorded")
 // ReadRecord returns the completion recorded for command id on host, and
 // the record as stored, for a person or a tool that asks after the fact
 // (where AwaitCompletion waits for it). It is ErrNotRecorded when there is
-// none, and also jetstream.ErrBucketNotFound when there is no bucket. The key is made from id whatever it holds,
-// so the caller need only bound its length.
+// none, and also jetstream.ErrBucketNotFound when there is no bucket. The
+// key is made from id whatever it holds, so the caller need only bound its
+// length.
 func ReadRecord(ctx context.Context, js jetstream.JetStream, host, id string) (*Completion, []byte, error) {
 	kv, err := js.KeyValue(ctx, RecordBucket)
 	if errors.Is(err, jetstream.ErrBucketNotFound) {
@@ -27,16 +28,13 @@ func ReadRecord(ctx context.Context, js jetstream.JetStream, host, id string) (*
 	if err != nil {
 		return nil, nil, fmt.Errorf("open completion records: %w", err)
 	}
-	e, err := kv.Get(ctx, recordKey(host, id))
-	if errors.Is(err, jetstream.ErrKeyNotFound) {
-		return nil, nil, ErrNotRecorded
-	}
+	raw, err := (&records{kv: kv, host: host}).raw(ctx, id)
 	if err != nil {
-		return nil, nil, fmt.Errorf("look up completion %s: %w", id, err)
+		return nil, nil, err
 	}
 	var c Completion
-	if err := json.Unmarshal(e.Value(), &c); err != nil {
-		return nil, e.Value(), fmt.Errorf("the record of %s is not a completion: %w", id, err)
+	if err := json.Unmarshal(raw, &c); err != nil {
+		return nil, raw, fmt.Errorf("the record of %s is not a completion: %w", id, err)
 	}
-	return &c, e.Value(), nil
+	return &c, raw, nil
 }

@@ -47,20 +47,32 @@ func openRecords(ctx context.Context, js jetstream.JetStream, log *slog.Logger, 
 func (r *records) get(ctx context.Context, id string) (*Completion, error) {
 	ctx, cancel := context.WithTimeout(ctx, recordTimeout)
 	defer cancel()
-	e, err := r.kv.Get(ctx, recordKey(r.host, id))
-	if errors.Is(err, jetstream.ErrKeyNotFound) {
+	raw, err := r.raw(ctx, id)
+	if errors.Is(err, ErrNotRecorded) {
 		return nil, nil
 	}
 	if err != nil {
-		return nil, fmt.Errorf("look up completion %s: %w", id, err)
+		return nil, err
 	}
 	var c Completion
-	if err := json.Unmarshal(e.Value(), &c); err != nil {
+	if err := json.Unmarshal(raw, &c); err != nil {
 		// A record we cannot read is no answer: run the command again (all
 		// actions are idempotent) and overwrite it.
 		return nil, nil
 	}
 	return &c, nil
+}
+
+// raw is the record of id as stored, or ErrNotRecorded.
+func (r *records) raw(ctx context.Context, id string) ([]byte, error) {
+	e, err := r.kv.Get(ctx, recordKey(r.host, id))
+	if errors.Is(err, jetstream.ErrKeyNotFound) {
+		return nil, ErrNotRecorded
+	}
+	if err != nil {
+		return nil, fmt.Errorf("look up completion %s: %w", id, err)
+	}
+	return e.Value(), nil
 }
 
 func (r *records) put(ctx context.Context, c Completion) error {
