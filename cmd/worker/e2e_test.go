@@ -80,7 +80,7 @@ func TestEveryActionThroughPublish(t *testing.T) {
 
 	c = send("status", dom.Name)
 	wantOK(t, c, false, "running")
-	if uuid := fmt.Sprintf("%x-%x-%x-%x-%x", dom.UUID[0:4], dom.UUID[4:6], dom.UUID[6:8], dom.UUID[8:10], dom.UUID[10:]); c.Detail["uuid"] != uuid {
+	if uuid := testbed.UUID(dom); c.Detail["uuid"] != uuid {
 		t.Errorf("status detail uuid %v, want %s", c.Detail["uuid"], uuid)
 	}
 

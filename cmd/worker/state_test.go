@@ -4,10 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"os"
-	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -40,7 +37,7 @@ func collectStates(t *testing.T, nc *nats.Conn, host string) *bustest.Collector[
 func takeState(t *testing.T, c *bustest.Collector[bus.DomainState], dom libvirt.Domain, states string) bus.DomainState {
 	t.Helper()
 	return c.Take(t, dom.Name+" "+states, func(s bus.DomainState) bool {
-		return s.VM == dom.Name && s.UUID == uuidOf(dom) && s.Event != "" &&
+		return s.VM == dom.Name && s.UUID == testbed.UUID(dom) && s.Event != "" &&
 			(s.Reason != "" || s.State == "undefined") && strings.Contains("|"+states+"|", "|"+s.State+"|")
 	})
 }
@@ -80,28 +77,6 @@ func waitKey(t *testing.T, js jetstream.JetStream, host, vm, want string) {
 			t.Fatalf("key %s: %s after %s, want %s", bus.StateKey(host, vm), got, waitTimeout, want)
 		}
 		time.Sleep(20 * time.Millisecond)
-	}
-}
-
-func uuidOf(d libvirt.Domain) string {
-	u := d.UUID
-	return fmt.Sprintf("%x-%x-%x-%x-%x", u[0:4], u[4:6], u[6:8], u[8:10], u[10:16])
-}
-
-// killQEMU kills the QEMU of the running domain name with SIGKILL, as a
-// crash or the OOM killer would.
-func killQEMU(t *testing.T, name string) {
-	t.Helper()
-	b, err := os.ReadFile("/run/libvirt/qemu/" + name + ".pid")
-	if err != nil {
-		t.Fatalf("QEMU pid of %s: %v", name, err)
-	}
-	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
-	if err != nil || pid <= 1 {
-		t.Fatalf("QEMU pid of %s: %q", name, b)
-	}
-	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
-		t.Fatalf("kill QEMU of %s (pid %d): %v", name, pid, err)
 	}
 }
 
@@ -145,7 +120,7 @@ func TestStateFollowsLibvirt(t *testing.T) {
 	takeState(t, states, dom, "running")
 	waitKey(t, js, host, dom.Name, "running")
 
-	killQEMU(t, dom.Name)
+	testbed.KillQEMU(t, dom.Name)
 	s := takeState(t, states, dom, "crashed|shutoff")
 	if s.Reason == "unknown" {
 		t.Errorf("after SIGKILL: %+v, want a reason", s)

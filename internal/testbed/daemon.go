@@ -176,3 +176,20 @@ func procState(pid int) (state string, ok bool) {
 	}
 	return "", true
 }
+
+// KillQEMU kills the QEMU of the test's running domain name with SIGKILL,
+// as a crash or the OOM killer would, around libvirtd.
+func KillQEMU(t testing.TB, name string) {
+	t.Helper()
+	b, err := os.ReadFile("/run/libvirt/qemu/" + name + ".pid")
+	if err != nil {
+		t.Fatalf("QEMU pid of %s: %v", name, err)
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil || pid <= 1 {
+		t.Fatalf("QEMU pid of %s: %q", name, b)
+	}
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		t.Fatalf("kill QEMU of %s (pid %d): %v", name, pid, err)
+	}
+}

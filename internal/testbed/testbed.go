@@ -12,11 +12,13 @@ package testbed
 import (
 	"crypto/rand"
 	"encoding/hex"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 
+	"github.com/digitalocean/go-libvirt"
 	"libvirt.org/go/libvirtxml"
 )
 
@@ -119,4 +121,12 @@ func disksOf(doc string) (map[string]string, error) {
 		}
 	}
 	return out, nil
+}
+
+// UUID is dom's UUID in libvirt's 36-character form: what a test expects
+// where virtbus reports one. It is written here, apart from the code under
+// test, so that a test never checks that code against itself.
+func UUID(dom libvirt.Domain) string {
+	u := dom.UUID
+	return fmt.Sprintf("%x-%x-%x-%x-%x", u[0:4], u[4:6], u[6:8], u[8:10], u[10:16])
 }

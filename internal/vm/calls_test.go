@@ -127,12 +127,12 @@ func TestStaleViewFallsBackToLibvirt(t *testing.T) {
 	if dom.UUID == old.UUID {
 		t.Fatal("the domain defined again kept its UUID; the test needs a new one")
 	}
-	vm.SetView(h.ex, staleView{vm.DomainInfo{Name: old.Name, UUID: uuidOf(old), State: "shutoff"}})
+	vm.SetView(h.ex, staleView{vm.DomainInfo{Name: old.Name, UUID: testbed.UUID(old), State: "shutoff"}})
 
 	res := h.ok(t, dom, vm.Start, ``, true, "running")
 	wantState(t, h.lv, dom, libvirt.DomainRunning)
 	res = h.ok(t, dom, vm.Status, ``, false, "running")
-	if got, want := res.Detail["uuid"], uuidOf(dom); got != want {
+	if got, want := res.Detail["uuid"], testbed.UUID(dom); got != want {
 		t.Errorf("status reports uuid %v, want the new domain's %s", got, want)
 	}
 }

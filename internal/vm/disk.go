@@ -473,6 +473,8 @@ func diskSource(d libvirtxml.DomainDisk) string {
 	return d.Source.File.File
 }
 
-func uuidString(u libvirt.UUID) string {
+// UUIDString is u in libvirt's 36-character form, as completions, the
+// domain states and virsh show it.
+func UUIDString(u libvirt.UUID) string {
 	return fmt.Sprintf("%x-%x-%x-%x-%x", u[0:4], u[4:6], u[6:8], u[8:10], u[10:16])
 }

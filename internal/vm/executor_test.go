@@ -154,7 +154,7 @@ func TestStartByUUID(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t)
 	dom := h.lv.Domain("uuid", testbed.DomainOptions{})
-	res, err := h.do(t, uuidOf(dom), vm.Start, ``)
+	res, err := h.do(t, testbed.UUID(dom), vm.Start, ``)
 	if err != nil || !res.Changed || res.State != "running" {
 		t.Fatalf("start by UUID: %+v, %v", res, err)
 	}
@@ -297,8 +297,8 @@ func TestStatus(t *testing.T) {
 	h := newHarness(t)
 	dom := h.lv.Domain("status", testbed.DomainOptions{})
 	res := h.ok(t, dom, vm.Status, ``, false, "shutoff")
-	if res.Detail["uuid"] != uuidOf(dom) {
-		t.Fatalf("status uuid %v, want %s", res.Detail["uuid"], uuidOf(dom))
+	if res.Detail["uuid"] != testbed.UUID(dom) {
+		t.Fatalf("status uuid %v, want %s", res.Detail["uuid"], testbed.UUID(dom))
 	}
 }
 
@@ -510,11 +510,6 @@ func mustSymlink(t *testing.T, target, link string) {
 	}
 }
 
-func uuidOf(d libvirt.Domain) string {
-	u := d.UUID
-	return fmt.Sprintf("%x-%x-%x-%x-%x", u[0:4], u[4:6], u[6:8], u[8:10], u[10:16])
-}
-
 // bus, format and readonly reach libvirt as asked. The domain is shut off:
 // a SATA disk cannot be hot-plugged on the pc machine, and the image is raw
 // whatever the format says, which only matters once QEMU opens it.
@@ -574,7 +569,7 @@ func TestAttachPerVMRoots(t *testing.T) {
 	b := h.lv.Domain("pervm-b", testbed.DomainOptions{})
 	own, other := imageIn(t, filepath.Join(dir, a.Name)), imageIn(t, filepath.Join(dir, b.Name))
 
-	res, err := h.do(t, uuidOf(a), vm.AttachDisk, `{"path":"`+own+`","bus":"scsi"}`)
+	res, err := h.do(t, testbed.UUID(a), vm.AttachDisk, `{"path":"`+own+`","bus":"scsi"}`)
 	if err != nil || !res.Changed || res.State != "running" || res.Detail["target"] != "sda" {
 		t.Fatalf("attach from its own dir by UUID: %+v, %v", res, err)
 	}
@@ -587,7 +582,7 @@ func TestAttachPerVMRoots(t *testing.T) {
 		filepath.Join(dir, "disk.img"),
 	} {
 		h.fails(t, a.Name, vm.AttachDisk, `{"path":"`+p+`"}`, vm.ErrForbidden)
-		h.fails(t, uuidOf(a), vm.AttachDisk, `{"path":"`+p+`"}`, vm.ErrForbidden)
+		h.fails(t, testbed.UUID(a), vm.AttachDisk, `{"path":"`+p+`"}`, vm.ErrForbidden)
 	}
 	if disks := h.lv.Disks(a, false); len(disks) != 1 {
 		t.Fatalf("%s has disks %v, want only sda", a.Name, disks)

@@ -302,5 +302,5 @@ func (e *Executor) status(ctx context.Context, vm string) (Result, error) {
 			disks = append(disks, map[string]any{"target": diskTarget(d), "source": diskSource(d), "bus": diskBus(d)})
 		}
 	}
-	return Result{State: StateName(st), Detail: map[string]any{"uuid": uuidString(dom.UUID), "disks": disks}}, nil
+	return Result{State: StateName(st), Detail: map[string]any{"uuid": UUIDString(dom.UUID), "disks": disks}}, nil
 }

@@ -36,11 +36,11 @@ func TestPauseResumeByUUIDAfterOutsidePause(t *testing.T) {
 	if err := h.lv.Conn().DomainSuspend(dom); err != nil {
 		t.Fatal(err)
 	}
-	res, err := h.do(t, uuidOf(dom), vm.Pause, ``)
+	res, err := h.do(t, testbed.UUID(dom), vm.Pause, ``)
 	if err != nil || res.Changed || res.State != "paused" {
 		t.Fatalf("pause of a paused domain by UUID: %+v, %v", res, err)
 	}
-	res, err = h.do(t, uuidOf(dom), vm.Resume, ``)
+	res, err = h.do(t, testbed.UUID(dom), vm.Resume, ``)
 	if err != nil || !res.Changed || res.State != "running" {
 		t.Fatalf("resume by UUID: %+v, %v", res, err)
 	}

@@ -315,7 +315,7 @@ func (w *Watcher) read(s *session, dom libvirt.Domain, lookup bool) (DomainInfo,
 	switch {
 	case err == nil:
 		state := libvirt.DomainState(st)
-		return DomainInfo{Name: dom.Name, UUID: uuidString(dom.UUID), State: StateName(state), Reason: ReasonName(state, reason)}, present, nil
+		return DomainInfo{Name: dom.Name, UUID: UUIDString(dom.UUID), State: StateName(state), Reason: ReasonName(state, reason)}, present, nil
 	case libvirt.IsNotFound(err):
 		return DomainInfo{}, gone, nil
 	case errors.As(err, &lerr) && s.l.IsConnected():

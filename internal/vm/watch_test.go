@@ -6,10 +6,8 @@ import (
 	"log/slog"
 	"os"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -136,9 +134,9 @@ func wantView(t *testing.T, w *vm.Watcher, dom libvirt.Domain, state, reason str
 		d, ok := w.Lookup(dom.Name)
 		return ok && d.State == state && d.Reason == reason
 	})
-	d, ok := w.Lookup(strings.ToUpper(uuidOf(dom)))
-	if !ok || d.Name != dom.Name || d.UUID != uuidOf(dom) {
-		t.Errorf("Lookup by UUID %s: %+v, %v", uuidOf(dom), d, ok)
+	d, ok := w.Lookup(strings.ToUpper(testbed.UUID(dom)))
+	if !ok || d.Name != dom.Name || d.UUID != testbed.UUID(dom) {
+		t.Errorf("Lookup by UUID %s: %+v, %v", testbed.UUID(dom), d, ok)
 	}
 	if i := slices.IndexFunc(w.Domains(), func(x vm.DomainInfo) bool { return x.Name == dom.Name }); i < 0 {
 		t.Errorf("%s not among Domains()", dom.Name)
@@ -177,13 +175,13 @@ func TestWatcherFollowsLifecycle(t *testing.T) {
 		t.Fatal(err)
 	}
 	c := rec.next(t, dom.Name, "undefined", is(vm.StateUndefined, "", "undefined"))
-	if c.d.UUID != uuidOf(dom) {
+	if c.d.UUID != testbed.UUID(dom) {
 		t.Errorf("undefined change %+v: want the domain's UUID", c.d)
 	}
 	if d, ok := w.Lookup(dom.Name); ok {
 		t.Errorf("Lookup after undefine: %+v", d)
 	}
-	if d, ok := w.Lookup(uuidOf(dom)); ok {
+	if d, ok := w.Lookup(testbed.UUID(dom)); ok {
 		t.Errorf("Lookup by UUID after undefine: %+v", d)
 	}
 	rec.mu.Lock()
@@ -203,7 +201,7 @@ func TestWatcherQEMUKilled(t *testing.T) {
 	rec.next(t, dom.Name, "running", is("running", "booted", "started"))
 	rec.next(t, tmp.Name, "running", is("running", "booted", "started"))
 
-	killQEMU(t, dom.Name)
+	testbed.KillQEMU(t, dom.Name)
 	c := rec.next(t, dom.Name, "down", func(c change) bool { return c.d.State == "shutoff" || c.d.State == "crashed" })
 	t.Logf("after SIGKILL: %v", c)
 	if c.d.Reason == "" || c.d.Reason == "unknown" || c.event != "stopped" && c.event != "crashed" {
@@ -211,7 +209,7 @@ func TestWatcherQEMUKilled(t *testing.T) {
 	}
 	wantView(t, w, dom, c.d.State, c.d.Reason)
 
-	killQEMU(t, tmp.Name)
+	testbed.KillQEMU(t, tmp.Name)
 	rec.next(t, tmp.Name, "gone", func(c change) bool { return c.d.State == vm.StateUndefined })
 	if _, ok := w.Lookup(tmp.Name); ok {
 		t.Errorf("transient %s still in the view after it stopped", tmp.Name)
@@ -229,7 +227,7 @@ func TestWatcherLibvirtdRestart(t *testing.T) {
 	rec.next(t, dom.Name, "running", is("running", "booted", "started"))
 
 	testbed.StopLibvirtd(t)
-	killQEMU(t, dom.Name)
+	testbed.KillQEMU(t, dom.Name)
 	testbed.StartLibvirtd(t)
 	rec.waitResyncs(t, 2)
 	// libvirtd may notice the dead QEMU as it starts, before the watcher
@@ -249,23 +247,6 @@ func TestWatcherLibvirtdRestart(t *testing.T) {
 	defer rec.mu.Unlock()
 	if !slices.ContainsFunc(rec.last, func(d vm.DomainInfo) bool { return d.Name == dom.Name }) {
 		t.Errorf("%s not in the last resync's view", dom.Name)
-	}
-}
-
-// killQEMU kills the QEMU of the running domain name with SIGKILL, as a
-// crash or the OOM killer would.
-func killQEMU(t *testing.T, name string) {
-	t.Helper()
-	b, err := os.ReadFile("/run/libvirt/qemu/" + name + ".pid")
-	if err != nil {
-		t.Fatalf("QEMU pid of %s: %v", name, err)
-	}
-	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
-	if err != nil || pid <= 1 {
-		t.Fatalf("QEMU pid of %s: %q", name, b)
-	}
-	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
-		t.Fatalf("kill QEMU of %s (pid %d): %v", name, pid, err)
 	}
 }
 
