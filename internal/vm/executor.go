@@ -32,16 +32,24 @@ type Config struct {
 	ShutdownRetry time.Duration // default 10s
 	// Poll is how often a state being waited for is looked at.
 	Poll time.Duration // default 200ms
-	// View, when set, names the domains known now (the worker's Watcher):
-	// a command's domain is then found without asking libvirtd. nil: every
-	// action looks its domain up in libvirtd.
+	// View, when set, names the domains known now and hears their
+	// lifecycle events (the worker's Watcher): a command's domain is then
+	// found without asking libvirtd, a start, forced stop, pause or resume
+	// acts on the state the view knows (see act), and waits end on
+	// libvirt's events rather than by asking. nil: every action looks its
+	// domain up in libvirtd, reads its state there and polls.
 	View DomainView
 }
 
-// DomainView finds a domain by name or UUID among those known now; a
-// Watcher is one.
+// DomainView knows the domains of the host and hears their lifecycle
+// events; a Watcher is one.
 type DomainView interface {
+	// Lookup finds a domain by name or UUID among those known now, with
+	// the latest state libvirtd told of it.
 	Lookup(vm string) (DomainInfo, bool)
+	// Await registers for the lifecycle events of the domain with UUID u
+	// from now on; nil when none would come.
+	Await(u libvirt.UUID) *Awaiting
 }
 
 // Executor runs actions against the domains of one libvirtd.
@@ -109,18 +117,23 @@ func (e *Executor) lookup(ctx context.Context, vm string) (libvirt.Domain, error
 	return dom, err
 }
 
-// find looks the domain up and reads its state: where every action starts.
-// The state always comes from libvirtd, never from the view: the view
-// hears of a change only after libvirtd's event, and an action decides on
-// the state (a start of a domain that is running does nothing).
+// find looks the domain up and reads its state from libvirtd: where the
+// actions start that read it before deciding (see act for those that
+// decide on the view's).
 func (e *Executor) find(ctx context.Context, vm string) (libvirt.Domain, libvirt.DomainState, error) {
-	if dom, ok := e.fromView(vm); ok {
+	dom, _, known := e.fromView(vm)
+	return e.reread(ctx, vm, dom, known)
+}
+
+// reread reads the state of dom, the domain vm as it was known (known:
+// else it is looked up). A domain gone since is looked up anew: it may
+// have been defined again under the same name, with another UUID.
+func (e *Executor) reread(ctx context.Context, vm string, dom libvirt.Domain, known bool) (libvirt.Domain, libvirt.DomainState, error) {
+	if known {
 		st, err := e.state(ctx, dom)
 		if !errors.Is(err, ErrNotFound) {
 			return dom, st, err
 		}
-		// The view is behind: the domain was undefined since, and maybe
-		// defined again under the same name with another UUID.
 	}
 	dom, err := e.lookup(ctx, vm)
 	if err != nil {
@@ -130,22 +143,24 @@ func (e *Executor) find(ctx context.Context, vm string) (libvirt.Domain, libvirt
 	return dom, st, err
 }
 
-// fromView is the domain named (or with the UUID) vm as the view knows
-// it. libvirtd finds a domain by its UUID alone, so that and the name make
-// a handle as good as a lookup's.
-func (e *Executor) fromView(vm string) (libvirt.Domain, bool) {
+// fromView is the domain named (or with the UUID) vm and its state as the
+// view knows them. libvirtd finds a domain by its UUID alone, so that and
+// the name make a handle as good as a lookup's.
+func (e *Executor) fromView(vm string) (libvirt.Domain, libvirt.DomainState, bool) {
 	if e.cfg.View == nil {
-		return libvirt.Domain{}, false
+		return libvirt.Domain{}, 0, false
 	}
 	d, ok := e.cfg.View.Lookup(vm)
-	if !ok || d.State == StateUndefined {
-		return libvirt.Domain{}, false
-	}
-	u, ok := parseUUID(d.UUID)
 	if !ok {
-		return libvirt.Domain{}, false
+		return libvirt.Domain{}, 0, false
 	}
-	return libvirt.Domain{Name: d.Name, UUID: u}, true
+	st, ok := stateNamed(d.State)
+	u, uok := parseUUID(d.UUID)
+	if !ok || !uok {
+		// Undefined: the domain is gone, or runs on as a transient one.
+		return libvirt.Domain{}, 0, false
+	}
+	return libvirt.Domain{Name: d.Name, UUID: u}, st, true
 }
 
 // parseUUID reads the 36-character form (or the bare 32 hex digits).
@@ -171,28 +186,13 @@ func (e *Executor) state(ctx context.Context, dom libvirt.Domain) (libvirt.Domai
 	return libvirt.DomainState(st), err
 }
 
-// waitState polls until the domain is in want, or until d has passed
-// (reached=false, no error).
+// waitState waits until the domain is in want, or until d has passed
+// (reached=false, no error). It asks libvirtd at once, then waits for an
+// event saying so (see awaitState).
 func (e *Executor) waitState(ctx context.Context, dom libvirt.Domain, want libvirt.DomainState, d time.Duration) (bool, error) {
-	deadline := time.Now().Add(d)
-	for {
-		st, err := e.state(ctx, dom)
-		if err != nil {
-			return false, err
-		}
-		if st == want {
-			return true, nil
-		}
-		left := time.Until(deadline)
-		if left <= 0 {
-			return false, nil
-		}
-		select {
-		case <-ctx.Done():
-			return false, fmt.Errorf("wait for %s to be %s: %w: %v", dom.Name, StateName(want), ErrUnavailable, context.Cause(ctx))
-		case <-time.After(min(e.cfg.Poll, left)):
-		}
-	}
+	a := e.await(dom)
+	defer a.Close()
+	return e.awaitState(ctx, a, dom, want, d, false)
 }
 
 // StateName is the lower-case name of a libvirt domain state, as completions
@@ -216,4 +216,14 @@ func StateName(s libvirt.DomainState) string {
 	default:
 		return "nostate"
 	}
+}
+
+// stateNamed is the state StateName calls name.
+func stateNamed(name string) (libvirt.DomainState, bool) {
+	for st := libvirt.DomainNostate; st <= libvirt.DomainPmsuspended; st++ {
+		if StateName(st) == name {
+			return st, true
+		}
+	}
+	return 0, false
 }

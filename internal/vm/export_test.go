@@ -23,3 +23,6 @@ func BeforeUnplugAsk(e *Executor, fn func()) { e.beforeUnplugAsk = fn }
 // SetView gives e a view of the domains to find them in (the worker gives
 // it its Watcher).
 func SetView(e *Executor, v DomainView) { e.cfg.View = v }
+
+// EventPoll is how long a wait hears only events before it asks libvirtd.
+const EventPoll = eventPoll

@@ -13,50 +13,25 @@ import (
 // paused domain is resumed, since "start" means "make it run". A reboot
 // intent the domain carries is void once it runs, and is removed.
 func (e *Executor) start(ctx context.Context, vm string) (Result, error) {
-	dom, st, err := e.find(ctx, vm)
-	if err != nil {
-		return Result{}, err
-	}
-	res, err := e.startDomain(ctx, vm, dom, st)
-	if err != nil {
-		return Result{}, err
-	}
-	if err := e.clearIntent(ctx, dom); err != nil {
-		return Result{}, err
-	}
-	return res, nil
+	dom, res, err := e.act(ctx, vm, planStart)
+	return e.voidIntent(ctx, dom, res, err)
 }
 
-// startDomain makes dom, found in state st, run.
-func (e *Executor) startDomain(ctx context.Context, vm string, dom libvirt.Domain, st libvirt.DomainState) (Result, error) {
-	var err error
-	detail := map[string]any{}
+// planStart makes a domain run.
+func planStart(vm string, st libvirt.DomainState) (move, error) {
 	switch st {
 	case libvirt.DomainRunning, libvirt.DomainBlocked:
-		return Result{State: StateName(st)}, nil
+		return move{}, nil
 	case libvirt.DomainPmsuspended:
-		return Result{}, fmt.Errorf("%w: domain %s is pmsuspended; wake it from inside the guest", ErrConflict, vm)
+		return move{}, fmt.Errorf("%w: domain %s is pmsuspended; wake it from inside the guest", ErrConflict, vm)
 	case libvirt.DomainPaused:
-		err = e.conn.call(ctx, "resume "+vm, func(l *libvirt.Libvirt) error { return l.DomainResume(dom) })
-		detail["resumed"] = true
-	default:
-		err = e.conn.call(ctx, "start "+vm, func(l *libvirt.Libvirt) error { return l.DomainCreate(dom) })
+		return move{verb: "resume", call: (*libvirt.Libvirt).DomainResume, want: libvirt.DomainRunning, detail: map[string]any{"resumed": true}}, nil
 	}
-	// A call repeated after a lost connection may find its own first try
-	// already done; the state below is what counts.
-	if err != nil && !errors.Is(err, ErrConflict) {
-		return Result{}, err
-	}
-	if ok, werr := e.waitState(ctx, dom, libvirt.DomainRunning, 5*time.Second); werr != nil {
-		return Result{}, werr
-	} else if !ok {
-		st, _ := e.state(ctx, dom)
-		if err != nil {
-			return Result{}, err
-		}
-		return Result{}, fmt.Errorf("%w: start %s: domain is %s, not running", ErrLibvirt, vm, StateName(st))
-	}
-	return Result{Changed: true, State: "running", Detail: detail}, nil
+	return startMove(map[string]any{}), nil
+}
+
+func startMove(detail map[string]any) move {
+	return move{verb: "start", call: (*libvirt.Libvirt).DomainCreate, want: libvirt.DomainRunning, detail: detail}
 }
 
 // stop shuts the domain off: gracefully with ACPI, asked again every
@@ -65,11 +40,33 @@ func (e *Executor) startDomain(ctx context.Context, vm string, dom libvirt.Domai
 // reboot intent the domain carries is removed: an operator's stop must not
 // be undone by a reboot delivered again later.
 func (e *Executor) stop(ctx context.Context, vm string, p StopParams) (Result, error) {
+	if p.Mode == "force" {
+		dom, res, err := e.act(ctx, vm, planForcedStop)
+		return e.voidIntent(ctx, dom, res, err)
+	}
 	dom, st, err := e.find(ctx, vm)
 	if err != nil {
 		return Result{}, err
 	}
 	res, err := e.stopDomain(ctx, dom, st, p)
+	return e.voidIntent(ctx, dom, res, err)
+}
+
+// planForcedStop destroys a domain that is not shut off.
+func planForcedStop(_ string, st libvirt.DomainState) (move, error) {
+	if st == libvirt.DomainShutoff {
+		return move{}, nil
+	}
+	return destroyMove(map[string]any{"forced": true}), nil
+}
+
+func destroyMove(detail map[string]any) move {
+	return move{verb: "destroy", call: (*libvirt.Libvirt).DomainDestroy, want: libvirt.DomainShutoff, detail: detail}
+}
+
+// voidIntent ends a start or stop that went well by removing the reboot
+// intent dom carries: it is void now (see intent.go).
+func (e *Executor) voidIntent(ctx context.Context, dom libvirt.Domain, res Result, err error) (Result, error) {
 	if err != nil {
 		return Result{}, err
 	}
@@ -100,16 +97,16 @@ func (e *Executor) stopDomain(ctx context.Context, dom libvirt.Domain, st libvir
 			return Result{Changed: true, State: "shutoff", Detail: detail}, nil
 		}
 	}
-	if err := e.destroy(ctx, dom); err != nil {
-		return Result{}, err
-	}
 	detail["forced"] = true
-	return Result{Changed: true, State: "shutoff", Detail: detail}, nil
+	return e.carry(ctx, dom.Name, dom, destroyMove(detail))
 }
 
 // shutdown asks the guest to power off (ACPI), again every ShutdownRetry,
 // and waits up to timeout for it to be shut off.
 func (e *Executor) shutdown(ctx context.Context, dom libvirt.Domain, timeout time.Duration) (bool, error) {
+	// One registration for all the requests: the guest may act on any.
+	a := e.await(dom)
+	defer a.Close()
 	deadline := time.Now().Add(timeout)
 	for {
 		err := e.conn.call(ctx, "shut down "+dom.Name, func(l *libvirt.Libvirt) error {
@@ -123,7 +120,8 @@ func (e *Executor) shutdown(ctx context.Context, dom libvirt.Domain, timeout tim
 		if left <= 0 {
 			return false, nil
 		}
-		down, err := e.waitShutoff(ctx, dom, min(e.cfg.ShutdownRetry, left))
+		asked := err == nil
+		down, err := e.awaitState(ctx, a, dom, libvirt.DomainShutoff, min(e.cfg.ShutdownRetry, left), asked)
 		if err != nil || down {
 			return down, err
 		}
@@ -132,35 +130,6 @@ func (e *Executor) shutdown(ctx context.Context, dom libvirt.Domain, timeout tim
 		}
 		e.log.Debug("guest still up; asking again", "vm", dom.Name)
 	}
-}
-
-// waitShutoff waits for shutoff; a transient domain that vanished on its
-// way down counts as shut off.
-func (e *Executor) waitShutoff(ctx context.Context, dom libvirt.Domain, d time.Duration) (bool, error) {
-	ok, err := e.waitState(ctx, dom, libvirt.DomainShutoff, d)
-	if errors.Is(err, ErrNotFound) {
-		return true, nil
-	}
-	return ok, err
-}
-
-// destroy powers the domain off at once and verifies it.
-func (e *Executor) destroy(ctx context.Context, dom libvirt.Domain) error {
-	err := e.conn.call(ctx, "destroy "+dom.Name, func(l *libvirt.Libvirt) error { return l.DomainDestroy(dom) })
-	if err != nil && !errors.Is(err, ErrConflict) && !errors.Is(err, ErrNotFound) {
-		return err
-	}
-	down, werr := e.waitShutoff(ctx, dom, 5*time.Second)
-	if werr != nil {
-		return werr
-	}
-	if !down {
-		if err != nil {
-			return err
-		}
-		return fmt.Errorf("%w: destroy %s: domain still not shut off", ErrLibvirt, dom.Name)
-	}
-	return nil
 }
 
 // reboot restarts a running domain. soft: graceful shutdown, wait, start
@@ -265,17 +234,13 @@ func (e *Executor) softReboot(ctx context.Context, dom libvirt.Domain, timeout t
 
 // startAgain starts dom after a reboot's shutdown and verifies it runs.
 func (e *Executor) startAgain(ctx context.Context, dom libvirt.Domain, detail map[string]any) (Result, error) {
-	err := e.conn.call(ctx, "start "+dom.Name, func(l *libvirt.Libvirt) error { return l.DomainCreate(dom) })
-	// conflict: a call repeated after a lost connection found its first try
-	// done; verifyRunning says what counts.
-	if err != nil && !errors.Is(err, ErrConflict) {
-		return Result{}, err
-	}
-	return e.verifyRunning(ctx, dom, detail)
+	return e.carry(ctx, dom.Name, dom, startMove(detail))
 }
 
+// verifyRunning verifies that dom runs after a reset, which leaves it
+// running and so tells no lifecycle event: libvirtd is asked at once.
 func (e *Executor) verifyRunning(ctx context.Context, dom libvirt.Domain, detail map[string]any) (Result, error) {
-	ok, err := e.waitState(ctx, dom, libvirt.DomainRunning, 5*time.Second)
+	ok, err := e.waitState(ctx, dom, libvirt.DomainRunning, confirmWait)
 	if err != nil {
 		return Result{}, err
 	}

@@ -44,7 +44,9 @@ type DomainInfo struct {
 // was live are lost, and subscribing first means nothing falls in a gap.
 // An event is only a prompt: the state and reason are read from libvirtd
 // after it, because a burst of events for one domain is looked at once,
-// and the event's own detail may be older than the domain's state.
+// and the event's own detail may be older than the domain's state. Until
+// that read, Lookup answers with the state the event implies, and the
+// actions awaiting the domain's events hear of it at once (see await.go).
 type Watcher struct {
 	conn *Conn
 	log  *slog.Logger
@@ -63,11 +65,24 @@ type Watcher struct {
 
 	mu   sync.Mutex
 	view map[libvirt.UUID]DomainInfo
+	// heard is what the events since a domain's last read told of its
+	// state (see await.go): Lookup answers with it, so that an action
+	// right after another does not decide on the state from before it.
+	heard   map[libvirt.UUID]heardState
+	seq     uint64 // events heard so far: orders them against the reads
+	live    bool   // a subscription is live: events reach the waiters
+	waiters map[libvirt.UUID]map[*Awaiting]struct{}
 }
 
 // NewWatcher returns a watcher of conn's libvirtd; Run starts it.
 func NewWatcher(conn *Conn, log *slog.Logger) *Watcher {
-	return &Watcher{conn: conn, log: log, view: map[libvirt.UUID]DomainInfo{}}
+	return &Watcher{
+		conn:    conn,
+		log:     log,
+		view:    map[libvirt.UUID]DomainInfo{},
+		heard:   map[libvirt.UUID]heardState{},
+		waiters: map[libvirt.UUID]map[*Awaiting]struct{}{},
+	}
 }
 
 // Domains returns the view, sorted by name. Until the first resync it is
@@ -83,18 +98,22 @@ func (w *Watcher) Domains() []DomainInfo {
 	return out
 }
 
-// Lookup finds a domain of the view by name or UUID.
+// Lookup finds a domain of the view by name or UUID. Its state is the
+// latest libvirtd told: that of an event heard since the domain was last
+// read, if any, with no reason then (an event does not tell it). After an
+// undefine that is StateUndefined until the next read, which may find the
+// domain running on as a transient one.
 func (w *Watcher) Lookup(vm string) (DomainInfo, bool) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if u, ok := parseUUID(vm); ok {
 		if d, ok := w.view[u]; ok {
-			return d, true
+			return w.latest(u, d), true
 		}
 	}
-	for _, d := range w.view {
+	for u, d := range w.view {
 		if d.Name == vm {
-			return d, true
+			return w.latest(u, d), true
 		}
 	}
 	return DomainInfo{}, false
@@ -147,7 +166,8 @@ func (w *Watcher) waitGone(ctx context.Context, s *session) {
 // ctx does. go-libvirt forwards events on an unbuffered channel and sends
 // its unsubscribe only after the send it is in, so the channel is read to
 // its end, by a goroutine that never waits on the watcher: its events
-// only queue (see pendingEvents).
+// only queue (see pendingEvents), and reach the actions awaiting them at
+// once, ahead of the burst wait (see hear).
 func (w *Watcher) watch(ctx context.Context, s *session) error {
 	sctx, cancel := context.WithCancel(ctx)
 	var ch <-chan any
@@ -161,9 +181,12 @@ func (w *Watcher) watch(ctx context.Context, s *session) error {
 	}
 	q := newPendingEvents()
 	pumped := make(chan struct{})
+	w.subscribed(true)
 	go func() {
 		defer close(pumped)
+		defer w.subscribed(false)
 		for ev := range ch {
+			w.hear(ev)
 			q.add(ev)
 		}
 	}()
@@ -199,6 +222,7 @@ func (w *Watcher) watch(ctx context.Context, s *session) error {
 // resync reads every domain on s, makes that the view and reports what
 // differs from the view before.
 func (w *Watcher) resync(s *session) error {
+	mark := w.mark()
 	var doms []libvirt.Domain
 	err := w.conn.run(s, "list domains", func(l *libvirt.Libvirt) (err error) {
 		doms, _, err = l.ConnectListAllDomains(1, 0)
@@ -225,6 +249,9 @@ func (w *Watcher) resync(s *session) error {
 	w.mu.Lock()
 	old := w.view
 	w.view = view
+	for u := range w.heard {
+		w.forget(u, mark)
+	}
 	w.mu.Unlock()
 	for u, d := range old {
 		if now, ok := view[u]; !ok || now.Name != d.Name {
@@ -246,6 +273,7 @@ func (w *Watcher) resync(s *session) error {
 // follow reads the domains that events named, and reports each.
 func (w *Watcher) follow(s *session, evs []pendingEvent) error {
 	for _, ev := range evs {
+		mark := w.mark()
 		d, f, err := w.read(s, ev.dom, true)
 		if err != nil {
 			return err
@@ -254,6 +282,7 @@ func (w *Watcher) follow(s *session, evs []pendingEvent) error {
 			continue
 		}
 		w.mu.Lock()
+		w.forget(ev.dom.UUID, mark)
 		old, known := w.view[ev.dom.UUID]
 		if f == gone {
 			delete(w.view, ev.dom.UUID)
