@@ -129,14 +129,23 @@ func (q *Queue[T]) freeLocked() int {
 // much. It returns ErrClosed once the queue is shutting down, or the
 // context's error.
 func (q *Queue[T]) WaitRoom(ctx context.Context) (int, error) {
+	return q.WaitRoomFor(ctx, 1)
+}
+
+// WaitRoomFor is WaitRoom that waits for room for want items, or for any
+// room while a runner is idle (nothing it may start is queued): a caller
+// that fills the queue in batches then fetches fewer, larger ones, and no
+// runner waits for it.
+func (q *Queue[T]) WaitRoomFor(ctx context.Context, want int) (int, error) {
 	for {
 		q.mu.Lock()
 		closed, free, changed := q.closed, q.freeLocked(), q.changed
+		starving := q.idleLocked()
 		q.mu.Unlock()
 		switch {
 		case closed:
 			return 0, ErrClosed
-		case free > 0:
+		case free >= want || free > 0 && starving:
 			return free, nil
 		}
 		select {
@@ -230,6 +239,20 @@ func (q *Queue[T]) Run(ctx context.Context, run func(key string, item T)) []T {
 		case <-changed:
 		}
 	}
+}
+
+// idleLocked reports whether a runner is free with nothing queued that it
+// may start.
+func (q *Queue[T]) idleLocked() bool {
+	if q.running >= q.concurrency {
+		return false
+	}
+	for _, e := range q.waiting {
+		if _, busy := q.busy[e.key]; !busy {
+			return false
+		}
+	}
+	return true
 }
 
 // nextLocked takes the oldest item whose key is not running. Scanning in
