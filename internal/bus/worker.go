@@ -180,7 +180,7 @@ type Worker struct {
 	held    heldSet
 	records atomic.Pointer[records]
 	answers *answerer // set by runJetStream before any command runs
-	late    []*job // fetched after shutdown began; only the fetch loop touches it
+	late    []*job    // fetched after shutdown began; only the fetch loop touches it
 	// ackWait is the consumer's, as the server has it (an operator may
 	// have changed it): the heartbeat must beat well within it.
 	ackWait atomic.Int64
