@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"runtime/debug"
-	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -20,35 +19,33 @@ type answering struct {
 	duplicate bool // c is the record of an earlier delivery
 	put       jetstream.PubAckFuture
 	putErr    error
+	release   func() // lets the VM's next command start; nil: nothing waits
 }
 
 // answerer records, publishes and acks completions in the order their
-// outcomes came, off the path that holds a VM's slot: a VM's next command
-// runs while the last one's answer is on its way, which a VM's order
-// allows, because that order is about when commands run, and the outcome
-// was known before the next one started. Record writes are sent as soon
-// as an answer arrives and confirmed in order, so many are in flight at
-// once; a completion is published only after its record is confirmed, and
-// the ack follows it on the same connection, so the server sees them in
-// that order whatever happens to the connection.
+// outcomes came, off the runners: a runner takes the next command as soon
+// as the last one's outcome is known. That VM's next command waits only
+// for the record (the queue holds the VM busy until then), so other VMs'
+// commands fill the time a record takes. Record writes are sent as soon as
+// an answer arrives and confirmed in order, so many are in flight at once;
+// a completion is published only after its record is confirmed, and the
+// ack follows it on the same connection, so the server sees them in that
+// order whatever happens to the connection.
 type answerer struct {
-	w       *Worker
-	room    chan struct{}   // a token per answer on its way
-	in      chan *answering // from the runners
-	sent    chan *answering // record writes sent, to be confirmed
-	done    chan struct{}
-	mu      sync.Mutex
-	pending map[string]*answering // by command id: decided, not acked yet
+	w    *Worker
+	room chan struct{}   // a token per answer on its way
+	in   chan *answering // from the runners
+	sent chan *answering // record writes sent, to be confirmed
+	done chan struct{}
 }
 
 func newAnswerer(w *Worker) *answerer {
 	return &answerer{
-		w:       w,
-		room:    make(chan struct{}, w.cfg.QueueSize),
-		in:      make(chan *answering, w.cfg.QueueSize),
-		sent:    make(chan *answering, w.cfg.QueueSize),
-		done:    make(chan struct{}),
-		pending: map[string]*answering{},
+		w:    w,
+		room: make(chan struct{}, w.cfg.QueueSize),
+		in:   make(chan *answering, w.cfg.QueueSize),
+		sent: make(chan *answering, w.cfg.QueueSize),
+		done: make(chan struct{}),
 	}
 }
 
@@ -77,9 +74,6 @@ func (a *answerer) run(ctx context.Context) {
 // unacked messages (beyond the parked ones).
 func (a *answerer) add(an *answering) {
 	a.room <- struct{}{}
-	a.mu.Lock()
-	a.pending[an.c.ID] = an
-	a.mu.Unlock()
 	a.in <- an
 }
 
@@ -89,28 +83,11 @@ func (a *answerer) close() {
 	<-a.done
 }
 
-// decided is the completion of command id that this worker decided and
-// has not acked yet: its record may not be readable yet.
-func (a *answerer) decided(id string) (Completion, bool) {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	an, ok := a.pending[id]
-	if !ok {
-		return Completion{}, false
-	}
-	return an.c, true
-}
-
 // answer confirms the record, then publishes and acks. A panic here hands
 // the command back: its redelivery is answered from the record, if any.
 func (a *answerer) answer(ctx context.Context, an *answering) {
 	w := a.w
 	defer func() {
-		a.mu.Lock()
-		if a.pending[an.c.ID] == an {
-			delete(a.pending, an.c.ID)
-		}
-		a.mu.Unlock()
 		<-a.room
 		if r := recover(); r != nil {
 			w.log.Error("panic answering a command; handing it back", "id", an.j.cmd.ID,
@@ -118,7 +95,17 @@ func (a *answerer) answer(ctx context.Context, an *answering) {
 			w.handBack(an.j)
 		}
 	}()
-	if an.record && !w.confirmRecord(ctx, an) {
+	if an.release != nil {
+		defer an.release() // also after a panic
+	}
+	recorded := !an.record || w.confirmRecord(ctx, an)
+	if an.release != nil {
+		// The VM's next command may start: this one is recorded, or it is
+		// handed back below, which happens only at shutdown, when nothing
+		// starts anymore.
+		an.release()
+	}
+	if !recorded {
 		w.log.Warn("completion not recorded at shutdown; handing back", "id", an.j.cmd.ID)
 		w.handBack(an.j)
 		return

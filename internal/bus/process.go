@@ -11,8 +11,9 @@ import (
 
 // processJS decides one command's completion: from its record when it
 // was answered before, else by running it. The answerer then records it,
-// publishes it and only then acks the message; the VM's slot is free as
-// soon as the completion is decided.
+// publishes it and only then acks the message. The runner is free as soon
+// as the completion is decided; the VM's next command waits for the
+// record.
 func (w *Worker) processJS(ctx context.Context, j *job) {
 	cmd := j.cmd
 	w.m.queueWait.WithLabelValues(w.m.action(cmd.Action)).Observe(time.Since(cmd.ReceivedAt).Seconds())
@@ -36,22 +37,22 @@ func (w *Worker) processJS(ctx context.Context, j *job) {
 			w.handBack(j)
 			return
 		}
-		w.answers.add(&answering{j: j, c: c, record: true})
+		// The VM's next command waits for this one's record, not for the
+		// rest of its answer: a crash then leaves at most the last command
+		// of a VM run but unrecorded, and a redelivery runs only that one
+		// again, never an earlier one over a later one's effect.
+		w.answers.add(&answering{j: j, c: c, record: true, release: w.q.Hold(j.key)})
 	}
 }
 
 // recorded is the completion recorded for j's command id, or nil: the
 // lookup started when it was fetched, or one now when that failed or was
-// not started. A completion this worker decided and has not acked yet
-// counts as recorded: its record may not be readable yet.
+// not started.
 func (w *Worker) recorded(ctx context.Context, j *job) (*Completion, error) {
 	if l := j.lookup; l != nil {
 		if <-l.done; l.err == nil {
 			return l.rec, nil
 		}
-	}
-	if c, ok := w.answers.decided(j.cmd.ID); ok {
-		return &c, nil
 	}
 	// NATS calls use a context shutdown does not cancel: a command taken
 	// off the queue is seen through. ctx only ends the waiting for NATS.

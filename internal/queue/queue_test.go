@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -504,5 +505,46 @@ func TestWaitRoomForBatches(t *testing.T) {
 	n, err := q.WaitRoomFor(t.Context(), 100)
 	if err != nil || n != 4 {
 		t.Errorf("WaitRoomFor(100) on an idle queue = %d, %v; want 4 at once", n, err)
+	}
+}
+
+// TestHoldKeepsKeyBusy: an item that holds its key frees the runner when
+// it returns, so another key's item runs, but its own key's next item
+// waits for the release; a release before the item returns holds nothing.
+func TestHoldKeepsKeyBusy(t *testing.T) {
+	q := New[string](4, 1, 0)
+	releases := make(chan func(), 4)
+	started := make(chan string, 4)
+	runQueue(t, q, func(key, it string) {
+		started <- it
+		if it == "x1" {
+			releases <- q.Hold(key)
+		}
+		if it == "y1" {
+			q.Hold(key)() // released while running: no effect on order
+		}
+	})
+	for _, p := range [][2]string{{"x", "x1"}, {"x", "x2"}, {"y", "y1"}, {"y", "y2"}} {
+		if err := q.Push(p[0], p[1]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	release := within(t, releases, "x1's hold")
+	var got []string
+	for range 3 {
+		got = append(got, within(t, started, "an item to start"))
+	}
+	if want := []string{"x1", "y1", "y2"}; !slices.Equal(got, want) {
+		t.Fatalf("started %v while x was held, want %v", got, want)
+	}
+	select {
+	case it := <-started:
+		t.Fatalf("%s started while x was held", it)
+	case <-time.After(50 * time.Millisecond):
+	}
+	release()
+	release() // a second call does nothing
+	if it := within(t, started, "x2 after the release"); it != "x2" {
+		t.Fatalf("started %s after the release, want x2", it)
 	}
 }
