@@ -33,6 +33,7 @@ type config struct {
 	MetricsAddr    string        `split_words:"true" default:":9480" desc:"listen address of /metrics, /healthz and /readyz (read-only); off: none"`
 	APIAddr        string        `split_words:"true" default:"127.0.0.1:9481" desc:"listen address of the command API; off: none; not loopback: needs VIRTBUS_API_TOKEN_FILE"`
 	APITokenFile   string        `split_words:"true" desc:"file holding the command API's bearer token"`
+	PprofAddr      string        `split_words:"true" default:"off" desc:"loopback listen address of Go's profiler (/debug/pprof/); off: none"`
 	LogLevel       string        `split_words:"true" default:"info" desc:"debug, info, warn or error"`
 	LogFormat      string        `split_words:"true" default:"text" desc:"text or json"`
 }
@@ -109,7 +110,7 @@ func (c config) check() error {
 // checkHTTP refuses listener addresses that cannot be opened, and a
 // command API reachable from other machines without a token.
 func (c config) checkHTTP() error {
-	for _, l := range []struct{ key, addr string }{{"VIRTBUS_METRICS_ADDR", c.MetricsAddr}, {"VIRTBUS_API_ADDR", c.APIAddr}} {
+	for _, l := range []struct{ key, addr string }{{"VIRTBUS_METRICS_ADDR", c.MetricsAddr}, {"VIRTBUS_API_ADDR", c.APIAddr}, {"VIRTBUS_PPROF_ADDR", c.PprofAddr}} {
 		if l.addr == "off" {
 			continue
 		}
@@ -123,6 +124,11 @@ func (c config) checkHTTP() error {
 		return fmt.Errorf("VIRTBUS_API_ADDR=%q: the same as VIRTBUS_METRICS_ADDR; the command API needs an address of its own", c.APIAddr)
 	case c.APITokenFile == "" && !loopbackAddr(c.APIAddr):
 		return fmt.Errorf("VIRTBUS_API_ADDR=%q is not a loopback address: set VIRTBUS_API_TOKEN_FILE to a file holding the API's bearer token", c.APIAddr)
+	}
+	// The profiler shows memory and stacks, and costs CPU while it
+	// profiles: it has no token, so it is never reachable from outside.
+	if c.PprofAddr != "off" && !loopbackAddr(c.PprofAddr) {
+		return fmt.Errorf("VIRTBUS_PPROF_ADDR=%q is not a loopback address: the profiler only listens on this machine", c.PprofAddr)
 	}
 	return nil
 }

@@ -62,6 +62,10 @@ func TestConfigRefusesBadValues(t *testing.T) {
 		{"VIRTBUS_API_ADDR", "[::]:9481", "VIRTBUS_API_TOKEN_FILE"},
 		{"VIRTBUS_API_ADDR", "192.0.2.1:9481", "VIRTBUS_API_TOKEN_FILE"},
 		{"VIRTBUS_API_ADDR", "hv1.example.com:9481", "VIRTBUS_API_TOKEN_FILE"},
+		// The profiler has no token: loopback only.
+		{"VIRTBUS_PPROF_ADDR", ":6060", "not a loopback address"},
+		{"VIRTBUS_PPROF_ADDR", "0.0.0.0:6060", "not a loopback address"},
+		{"VIRTBUS_PPROF_ADDR", "6060", "missing port"},
 		{"VIRTBUS_API_TOKEN_FILE", "/nonexistent/virtbus-token", "no such file"},
 		{"VIRTBUS_API_TOKEN_FILE", emptyToken, "empty"},
 		{"VIRTBUS_API_TOKEN_FILE", newlineToken, "empty"},

@@ -12,6 +12,7 @@ import (
 	"mime"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"os"
 	"strings"
 	"sync"
@@ -76,6 +77,7 @@ func startHTTP(cfg config, api *httpAPI, reg *prometheus.Registry, ready func() 
 	}{
 		{"VIRTBUS_METRICS_ADDR", cfg.MetricsAddr, metricsRoutes(reg, ready)},
 		{"VIRTBUS_API_ADDR", cfg.APIAddr, api.routes()},
+		{"VIRTBUS_PPROF_ADDR", cfg.PprofAddr, pprofRoutes()},
 	}
 	var lns []net.Listener
 	var handlers []http.Handler
@@ -137,6 +139,18 @@ func metricsRoutes(reg *prometheus.Registry, ready func() (bool, string)) http.H
 		}
 		_, _ = io.WriteString(w, "ready\n")
 	})
+	return mux
+}
+
+// pprofRoutes is Go's profiler, for a loopback listener only (see
+// checkHTTP): `go tool pprof http://127.0.0.1:PORT/debug/pprof/profile`.
+func pprofRoutes() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	return mux
 }
 

@@ -355,3 +355,21 @@ func TestHTTPAPICore(t *testing.T) {
 	}
 	wantState(t, lv, dom, libvirt.DomainRunning)
 }
+
+// TestPprofListener: VIRTBUS_PPROF_ADDR serves Go's profiler on its own
+// loopback listener, and only there: the metrics listener has no profiler.
+func TestPprofListener(t *testing.T) {
+	t.Parallel()
+	testbed.Require(t)
+	srv := bustest.RunServer(t, bus.RunEmbedded, t.TempDir(), -1)
+	pprofAddr := bustest.FreeAddr(t)
+	e := workerEnv(t, srv.ClientURL(), hostID()).with("VIRTBUS_PPROF_ADDR", pprofAddr)
+	startWorker(t, e)
+
+	if code, page := httpDo(t, "GET", "http://"+pprofAddr+"/debug/pprof/goroutine?debug=1", nil, ""); code != http.StatusOK || !strings.Contains(page, "goroutine profile:") {
+		t.Errorf("GET /debug/pprof/goroutine = %d, want 200 with a goroutine profile:\n%.300s", code, page)
+	}
+	if code, _ := httpDo(t, "GET", "http://"+e["VIRTBUS_METRICS_ADDR"]+"/debug/pprof/", nil, ""); code != http.StatusNotFound {
+		t.Errorf("GET /debug/pprof/ on the metrics listener = %d, want 404", code)
+	}
+}

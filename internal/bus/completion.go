@@ -83,10 +83,23 @@ func (w *Worker) failure(cmd Command, e *Error) Completion {
 }
 
 // publish sends a completion to the event subject and the reply subject,
-// and confirms with a flush that the server has it. While NATS is down it
-// keeps trying, until it goes through or ctx ends; the caller must not ack
-// before it returns nil.
+// and confirms with a flush that the server has it: core mode's only
+// confirmation, as nothing follows the completion there.
 func (w *Worker) publish(ctx context.Context, c Completion, reply string) error {
+	return w.deliver(ctx, c, reply, true)
+}
+
+// send sends a completion to the event subject and the reply subject
+// without waiting: the ack that follows on the same connection reaches the
+// server after it, and a redelivery answers a completion that got lost.
+func (w *Worker) send(ctx context.Context, c Completion, reply string) error {
+	return w.deliver(ctx, c, reply, false)
+}
+
+// deliver is publish (flush set) and send. While NATS is down it keeps
+// trying, until it goes through or ctx ends; the caller must not ack
+// before it returns nil.
+func (w *Worker) deliver(ctx context.Context, c Completion, reply string, flush bool) error {
 	data, err := json.Marshal(c)
 	if err != nil {
 		// Only an unencodable Detail gets here; drop it rather than lose the
@@ -114,6 +127,9 @@ func (w *Worker) publish(ctx context.Context, c Completion, reply string) error 
 			if err := w.nc.Publish(s, data); err != nil {
 				return fmt.Errorf("publish completion %s to %s: %w", c.ID, s, err)
 			}
+		}
+		if !flush {
+			return nil
 		}
 		if err := w.nc.FlushTimeout(publishTimeout); err != nil {
 			return fmt.Errorf("flush completion %s: %w", c.ID, err)

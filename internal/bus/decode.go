@@ -29,6 +29,7 @@ type job struct {
 	key string
 
 	stored streamMsg // the stream message (sequence, stored time), JetStream mode
+	lookup *lookup   // its record lookup, started when it was fetched; may be nil
 	core   *nats.Msg // core mode
 
 	// mu guards js: a redelivery of a message this worker still holds

@@ -33,7 +33,9 @@ func (w *Worker) fetchLoop(ctx context.Context) {
 			w.lose(cons)
 			continue
 		}
-		room, err := w.q.WaitRoom(ctx)
+		// A pull per freed slot would cost a round trip and a subscription
+		// per command under a backlog: wait for a quarter of the queue.
+		room, err := w.q.WaitRoomFor(ctx, max(1, w.q.Cap()/4))
 		if err != nil {
 			return
 		}
@@ -74,9 +76,16 @@ func (w *Worker) accept(msg jetstream.Msg) {
 	}
 	w.log.Debug("command received", "id", j.cmd.ID, "vm", j.cmd.VM, "action", j.cmd.Action, "attempt", j.cmd.Attempt)
 
-	if !w.held.add(j) {
+	added, shared := w.held.add(j)
+	if !added {
 		w.log.Info("redelivery of a command still in progress; one completion answers both", "id", j.cmd.ID, "attempt", j.cmd.Attempt)
 		return
+	}
+	// The record is looked up now, while the command waits its turn. Not
+	// when another held command has the same id: that one's record may be
+	// written after a look now, so this one looks when it runs.
+	if recs := w.records.Load(); recs != nil && !shared {
+		j.lookup = recs.lookAhead(j.cmd.ID)
 	}
 	if err := w.q.Push(j.key, j); err != nil {
 		w.log.Debug("command not queued", "id", j.cmd.ID, "err", err)

@@ -34,10 +34,10 @@ func (w *Worker) guard(ctx context.Context, j *job, process func(context.Context
 	process(ctx, j)
 }
 
-// answerAfterPanic ends a JetStream command whose processing panicked. The
-// panic may have come after the completion was recorded: then the record
-// is the answer, as it will be for any redelivery. Otherwise the error
-// completion is recorded first, so a redelivery gets the same one.
+// answerAfterPanic ends a JetStream command whose processing panicked.
+// When a record of it exists (an earlier delivery), that is the answer, as
+// it will be for any redelivery. Otherwise the error completion is
+// recorded first, so a redelivery gets the same one.
 func (w *Worker) answerAfterPanic(ctx context.Context, j *job, c Completion) {
 	recs := w.records.Load()
 	callCtx := handlerContext(ctx)
@@ -49,10 +49,8 @@ func (w *Worker) answerAfterPanic(ctx context.Context, j *job, c Completion) {
 	case rec != nil && rec.answers(j.cmd.VM, j.cmd.Action):
 		c = *rec
 	default:
-		if err := recs.put(callCtx, c); err != nil {
-			w.handBack(j)
-			return
-		}
+		w.answers.add(&answering{j: j, c: c, record: true})
+		return
 	}
-	w.finish(ctx, j, c, false)
+	w.answers.add(&answering{j: j, c: c})
 }

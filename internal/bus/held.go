@@ -37,6 +37,7 @@ type heldSet struct {
 	mu    sync.Mutex
 	jobs  map[*job]struct{}
 	bySeq map[streamMsg]*job
+	ids   map[string]int // how many held jobs carry each command id
 }
 
 // streamMsg names one stored message: its sequence, and its stored time,
@@ -47,26 +48,30 @@ type streamMsg struct {
 }
 
 func newHeldSet() heldSet {
-	return heldSet{jobs: make(map[*job]struct{}), bySeq: make(map[streamMsg]*job)}
+	return heldSet{jobs: make(map[*job]struct{}), bySeq: make(map[streamMsg]*job), ids: make(map[string]int)}
 }
 
 // add holds j, unless a job for the same stream message is held already:
 // then the server redelivered a message this worker is still working on
 // (its in-progress notes could not reach the server for longer than the
 // ack wait). The held job takes the new delivery's handle, so that one
-// completion and one ack answer both, and add reports false.
-func (h *heldSet) add(j *job) bool {
+// completion and one ack answer both, and add reports false. shared
+// reports that another held message carries j's command id: a publisher
+// sent it again after the stream's duplicate window.
+func (h *heldSet) add(j *job) (added, shared bool) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if j.stored.seq != 0 {
 		if held, ok := h.bySeq[j.stored]; ok {
 			held.setMsg(j.msg())
-			return false
+			return false, false
 		}
 		h.bySeq[j.stored] = j
 	}
 	h.jobs[j] = struct{}{}
-	return true
+	shared = h.ids[j.cmd.ID] > 0
+	h.ids[j.cmd.ID]++
+	return true, shared
 }
 
 func (h *heldSet) len() int {
@@ -78,7 +83,13 @@ func (h *heldSet) len() int {
 func (h *heldSet) remove(j *job) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
+	if _, ok := h.jobs[j]; !ok {
+		return
+	}
 	delete(h.jobs, j)
+	if h.ids[j.cmd.ID]--; h.ids[j.cmd.ID] <= 0 {
+		delete(h.ids, j.cmd.ID)
+	}
 	if h.bySeq[j.stored] == j {
 		delete(h.bySeq, j.stored)
 	}

@@ -30,10 +30,6 @@ const (
 	// verifyEvery is how often the fetch loop checks that the consumer and
 	// the record bucket still exist.
 	verifyEvery = 2 * time.Second
-	// ackTries bounds the confirmed acks of one message while connected:
-	// when they all fail, the command is answered again from its record on
-	// redelivery.
-	ackTries = 5
 	// parkLimit is how many commands beyond their VM's share of the FIFO the
 	// worker holds (with concurrency above 1), so that it reads past one
 	// VM's deep backlog to the next VM's command. At most maxCommandSize
@@ -48,18 +44,23 @@ const (
 // early: another worker took this host over.
 //
 // One command's walk, file by file: fetch.go takes it off the consumer
-// into the FIFO; process.go answers it (record, run, record, publish, ack);
-// guard.go answers it when that panics; held.go keeps it from being
+// into the FIFO; process.go decides its completion (from the record, or by
+// running it); answer.go records, publishes and acks it; guard.go answers
+// it when deciding panics; held.go keeps it from being
 // redelivered while it waits. setup.go and lease.go own what it all runs
 // on.
 func (w *Worker) runJetStream(ctx context.Context) error {
-	js, err := jetstream.New(w.nc)
+	// Record writes sent ahead that get no answer fail after recordTimeout
+	// rather than wait forever (see answerer).
+	js, err := jetstream.New(w.nc, jetstream.WithPublishAsyncTimeout(recordTimeout))
 	if err != nil {
 		return fmt.Errorf("jetstream context: %w", err)
 	}
 	ctx, stop := context.WithCancelCause(ctx)
 	defer stop(nil)
 
+	w.answers = newAnswerer(w)
+	go w.answers.run(ctx)
 	left := make(chan []*job, 1)
 	go func() {
 		left <- w.q.Run(ctx, func(_ string, j *job) { w.guard(ctx, j, w.processJS) })
@@ -81,6 +82,8 @@ func (w *Worker) runJetStream(ctx context.Context) error {
 	// redelivers in nak order, so nak in stream order to keep each VM's
 	// commands in order for the next worker.
 	back := append(<-left, w.late...)
+	// The commands that ran are answered before any is handed back.
+	w.answers.close()
 	slices.SortFunc(back, func(a, b *job) int { return cmp.Compare(a.stored.seq, b.stored.seq) })
 	for _, j := range back {
 		w.handBack(j)

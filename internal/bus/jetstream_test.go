@@ -387,7 +387,9 @@ func TestHoldsNoMoreThanQueueSize(t *testing.T) {
 	close(stopWatch)
 	<-watched
 
-	if got := peakPending.Load(); got > queueSize {
+	// The FIFO's commands, and up to as many again whose completions are
+	// being recorded and published (see answerer).
+	if got := peakPending.Load(); got > 2*queueSize {
 		t.Errorf("server saw %d unacked deliveries at once, queue size %d", got, queueSize)
 	}
 	if got := peakHeld.Load(); got > queueSize {

@@ -9,55 +9,61 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 )
 
-// processJS answers one command: from its record when it was answered
-// before, else by running it. The completion is recorded, then published,
-// and only then is the message acked.
+// processJS decides one command's completion: from its record when it
+// was answered before, else by running it. The answerer then records it,
+// publishes it and only then acks the message. The runner is free as soon
+// as the completion is decided; the VM's next command waits for the
+// record.
 func (w *Worker) processJS(ctx context.Context, j *job) {
-	defer w.held.remove(j)
 	cmd := j.cmd
 	w.m.queueWait.WithLabelValues(w.m.action(cmd.Action)).Observe(time.Since(cmd.ReceivedAt).Seconds())
-	// NATS calls use a context shutdown does not cancel: a command taken
-	// off the queue is seen through. ctx only ends the waiting for NATS.
-	callCtx := handlerContext(ctx)
-
-	var rec *Completion
-	err := retry(ctx, func() error {
-		var err error
-		rec, err = w.records.Load().get(callCtx, cmd.ID)
-		return err
-	}, func(err error) { w.log.Debug("record lookup failed", "id", cmd.ID, "err", err) })
+	rec, err := w.recorded(ctx, j)
 	if err != nil {
 		w.log.Warn("record lookup failed at shutdown; handing back", "id", cmd.ID, "err", err)
 		w.handBack(j)
 		return
 	}
-	if rec != nil && !rec.answers(cmd.VM, cmd.Action) {
+	switch {
+	case rec != nil && !rec.answers(cmd.VM, cmd.Action):
 		// The id was used before for another command: answer this one with
 		// a conflict, and keep the first one's record.
-		w.finish(ctx, j, w.failure(cmd, rec.reusedBy(cmd.ID)), false)
-		return
+		w.answers.add(&answering{j: j, c: w.failure(cmd, rec.reusedBy(cmd.ID))})
+	case rec != nil:
+		w.answers.add(&answering{j: j, c: *rec, duplicate: true})
+	default:
+		c, ok := w.outcome(ctx, j)
+		if !ok {
+			w.log.Info("shutdown while a command waited to retry; handing back", "id", cmd.ID)
+			w.handBack(j)
+			return
+		}
+		// The VM's next command waits for this one's record, not for the
+		// rest of its answer: a crash then leaves at most the last command
+		// of a VM run but unrecorded, and a redelivery runs only that one
+		// again, never an earlier one over a later one's effect.
+		w.answers.add(&answering{j: j, c: c, record: true, release: w.q.Hold(j.key)})
 	}
-	if rec != nil {
-		w.finish(ctx, j, *rec, true)
-		return
-	}
+}
 
-	c, ok := w.outcome(ctx, j)
-	if !ok {
-		w.log.Info("shutdown while a command waited to retry; handing back", "id", cmd.ID)
-		w.handBack(j)
-		return
+// recorded is the completion recorded for j's command id, or nil: the
+// lookup started when it was fetched, or one now when that failed or was
+// not started.
+func (w *Worker) recorded(ctx context.Context, j *job) (*Completion, error) {
+	if l := j.lookup; l != nil {
+		if <-l.done; l.err == nil {
+			return l.rec, nil
+		}
 	}
-	if err := retry(ctx, func() error { return w.records.Load().put(callCtx, c) },
-		func(err error) { w.log.Debug("record failed", "id", c.ID, "err", err) }); err != nil {
-		w.log.Warn("completion not recorded at shutdown; handing back", "id", cmd.ID, "err", err)
-		w.handBack(j)
-		return
-	}
-	if w.crashAfterRecord != nil && w.crashAfterRecord(cmd) {
-		return
-	}
-	w.finish(ctx, j, c, false)
+	// NATS calls use a context shutdown does not cancel: a command taken
+	// off the queue is seen through. ctx only ends the waiting for NATS.
+	callCtx := handlerContext(ctx)
+	var rec *Completion
+	err := retry(ctx, func() error {
+		var err error
+		rec, err = w.records.Load().get(callCtx, j.cmd.ID)
+		return err
+	}, func(err error) { w.log.Debug("record lookup failed", "id", j.cmd.ID, "err", err) })
+	return rec, err
 }
 
 // outcome decides a command's completion: refused as it came, expired,
@@ -102,35 +108,24 @@ func (w *Worker) runWithRetries(ctx context.Context, cmd Command) (Completion, b
 
 // finish publishes a completion, then acks its command and reports it.
 func (w *Worker) finish(ctx context.Context, j *job, c Completion, duplicate bool) {
-	if err := w.publish(ctx, c, j.cmd.Reply); err != nil {
+	if err := w.send(ctx, c, j.cmd.Reply); err != nil {
 		w.log.Warn("completion not published at shutdown; handing back", "id", j.cmd.ID, "err", err)
 		w.handBack(j)
 		return
 	}
-	w.ack(ctx, j)
+	w.ack(j)
+	w.held.remove(j)
 	w.report(c, duplicate)
 }
 
-// ack acks after the completion went out, and waits for the server to
-// confirm, so that the slot is freed only once the server counts the
-// message as done. An ack that never goes through is not fatal: the
-// redelivery is answered from the record.
-func (w *Worker) ack(ctx context.Context, j *job) {
-	var err error
-	for range ackTries {
-		if err = waitConnected(ctx, w.nc); err != nil {
-			break // shutdown while disconnected
-		}
-		actx, cancel := context.WithTimeout(handlerContext(ctx), publishTimeout)
-		err = j.msg().DoubleAck(actx)
-		cancel()
-		if err == nil || errors.Is(err, jetstream.ErrMsgAlreadyAckd) {
-			return
-		}
-		w.log.Debug("ack failed", "id", j.cmd.ID, "err", err)
-		sleep(ctx, 100*time.Millisecond)
+// ack acks after the completion went out on the same connection, so the
+// server sees the completion first. It does not wait for the server: an
+// ack that is lost (the connection broke) only brings a redelivery, which
+// is answered from the record.
+func (w *Worker) ack(j *job) {
+	if err := j.msg().Ack(); err != nil && !errors.Is(err, jetstream.ErrMsgAlreadyAckd) {
+		w.log.Warn("ack failed; a redelivery is answered from the record", "id", j.cmd.ID, "err", err)
 	}
-	w.log.Warn("ack not confirmed; a redelivery is answered from the record", "id", j.cmd.ID, "err", err)
 }
 
 // handBack returns a command that was not answered to the stream for

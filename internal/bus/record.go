@@ -21,6 +21,7 @@ const recordTimeout = 5 * time.Second
 
 type records struct {
 	kv   jetstream.KeyValue
+	js   jetstream.JetStream // for writes sent ahead (putAsync); nil for readers
 	host string
 }
 
@@ -40,7 +41,7 @@ func openRecords(ctx context.Context, js jetstream.JetStream, log *slog.Logger, 
 	if err != nil {
 		return nil, err
 	}
-	return &records{kv: kv, host: host}, nil
+	return &records{kv: kv, js: js, host: host}, nil
 }
 
 // get returns the recorded completion of id, or nil when there is none.
@@ -73,6 +74,40 @@ func (r *records) raw(ctx context.Context, id string) ([]byte, error) {
 		return nil, fmt.Errorf("look up completion %s: %w", id, err)
 	}
 	return e.Value(), nil
+}
+
+// putAsync sends the record of c without waiting for the server's
+// confirmation, which the returned future brings: the worker writes the
+// records of many commands at once and confirms each in order. It writes
+// what Put would, to the bucket's subject for the key.
+func (r *records) putAsync(c Completion) (jetstream.PubAckFuture, error) {
+	data, err := json.Marshal(c)
+	if err != nil {
+		return nil, fmt.Errorf("encode completion %s: %w", c.ID, err)
+	}
+	f, err := r.js.PublishAsync("$KV."+RecordBucket+"."+recordKey(r.host, c.ID), data)
+	if err != nil {
+		return nil, fmt.Errorf("record completion %s: %w", c.ID, err)
+	}
+	return f, nil
+}
+
+// lookup is a record lookup started ahead of the command's turn: when the
+// command runs, its answer is usually there already.
+type lookup struct {
+	done chan struct{}
+	rec  *Completion
+	err  error
+}
+
+// lookAhead starts looking up the record of id.
+func (r *records) lookAhead(id string) *lookup {
+	l := &lookup{done: make(chan struct{})}
+	go func() {
+		defer close(l.done)
+		l.rec, l.err = r.get(context.Background(), id)
+	}()
+	return l
 }
 
 func (r *records) put(ctx context.Context, c Completion) error {

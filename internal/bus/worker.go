@@ -179,7 +179,8 @@ type Worker struct {
 	// runs again after reconnects, and read by the running commands.
 	held    heldSet
 	records atomic.Pointer[records]
-	late    []*job // fetched after shutdown began; only the fetch loop touches it
+	answers *answerer // set by runJetStream before any command runs
+	late    []*job    // fetched after shutdown began; only the fetch loop touches it
 	// ackWait is the consumer's, as the server has it (an operator may
 	// have changed it): the heartbeat must beat well within it.
 	ackWait atomic.Int64

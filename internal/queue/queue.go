@@ -52,7 +52,8 @@ type Queue[T any] struct {
 	admitted map[string]int        // per key: queued plus running
 	parked   map[string][]entry[T] // per key: beyond its share, arrival order
 	nparked  int
-	busy     map[string]struct{} // keys with an item running
+	busy     map[string]struct{} // keys with an item running, or held (see Hold)
+	holds    map[string]holdState
 	running  int
 	closed   bool
 	// changed is closed and replaced on every change of room or work, so any
@@ -73,6 +74,7 @@ func New[T any](capacity, concurrency, park int) *Queue[T] {
 		admitted:    make(map[string]int),
 		parked:      make(map[string][]entry[T]),
 		busy:        make(map[string]struct{}),
+		holds:       make(map[string]holdState),
 		changed:     make(chan struct{}),
 	}
 	q.share = q.capacity
@@ -129,14 +131,23 @@ func (q *Queue[T]) freeLocked() int {
 // much. It returns ErrClosed once the queue is shutting down, or the
 // context's error.
 func (q *Queue[T]) WaitRoom(ctx context.Context) (int, error) {
+	return q.WaitRoomFor(ctx, 1)
+}
+
+// WaitRoomFor is WaitRoom that waits for room for want items, or for any
+// room while a runner is idle (nothing it may start is queued): a caller
+// that fills the queue in batches then fetches fewer, larger ones, and no
+// runner waits for it.
+func (q *Queue[T]) WaitRoomFor(ctx context.Context, want int) (int, error) {
 	for {
 		q.mu.Lock()
 		closed, free, changed := q.closed, q.freeLocked(), q.changed
+		starving := q.idleLocked()
 		q.mu.Unlock()
 		switch {
 		case closed:
 			return 0, ErrClosed
-		case free > 0:
+		case free >= want || free > 0 && starving:
 			return free, nil
 		}
 		select {
@@ -232,6 +243,20 @@ func (q *Queue[T]) Run(ctx context.Context, run func(key string, item T)) []T {
 	}
 }
 
+// idleLocked reports whether a runner is free with nothing queued that it
+// may start.
+func (q *Queue[T]) idleLocked() bool {
+	if q.running >= q.concurrency {
+		return false
+	}
+	for _, e := range q.waiting {
+		if _, busy := q.busy[e.key]; !busy {
+			return false
+		}
+	}
+	return true
+}
+
 // nextLocked takes the oldest item whose key is not running. Scanning in
 // arrival order and skipping busy keys keeps each key's items in order while
 // a busy key never holds up the keys queued behind it.
@@ -246,12 +271,50 @@ func (q *Queue[T]) nextLocked() (entry[T], bool) {
 	return entry[T]{}, false
 }
 
+// holdState is where a Hold stands: taken while its item runs, or keeping
+// the key busy after the item returned.
+type holdState int
+
+const (
+	holdRunning holdState = iota + 1
+	holdKept
+)
+
+// Hold is called by a run func for the key of the item it runs: the
+// runner is free as soon as run returns, but the key stays busy, so its
+// next item does not start, until the returned release is called (once).
+// It lets the caller finish an item's work off the runner while the key's
+// order still waits for it.
+func (q *Queue[T]) Hold(key string) (release func()) {
+	q.mu.Lock()
+	q.holds[key] = holdRunning
+	q.mu.Unlock()
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			q.mu.Lock()
+			defer q.mu.Unlock()
+			st := q.holds[key]
+			delete(q.holds, key)
+			if st == holdKept {
+				delete(q.busy, key)
+				q.notifyLocked()
+			}
+		})
+	}
+}
+
 // finish frees the slot of key's item that ended, and fills it with the
 // key's oldest parked item: the room just freed is always enough for it.
+// The key stays busy while a Hold on it is not released.
 func (q *Queue[T]) finish(key string) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	delete(q.busy, key)
+	if q.holds[key] == holdRunning {
+		q.holds[key] = holdKept
+	} else {
+		delete(q.busy, key)
+	}
 	q.running--
 	if q.admitted[key]--; q.admitted[key] == 0 {
 		delete(q.admitted, key)

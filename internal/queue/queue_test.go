@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -459,4 +460,91 @@ func (q *Queue[T]) isClosed() bool {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	return q.closed
+}
+
+// TestWaitRoomForBatches: while the runner is busy and items wait behind
+// it, WaitRoomFor waits for the room it asked for; once the runner is
+// idle it reports any room at once, so the runner never waits for a batch.
+func TestWaitRoomForBatches(t *testing.T) {
+	q := New[string](4, 1, 0)
+	g := newGate()
+	runQueue(t, q, g.run)
+	defer close(g.release)
+	for _, it := range []string{"x1", "x2", "x3", "x4"} {
+		if err := q.Push("x", it); err != nil {
+			t.Fatal(err)
+		}
+	}
+	within(t, g.started, "x1 to start")
+	room := make(chan int, 1)
+	go func() {
+		n, err := q.WaitRoomFor(t.Context(), 2)
+		if err != nil {
+			t.Error(err)
+		}
+		room <- n
+	}()
+	g.release <- struct{}{} // x1 ends, x2 starts: room for one, not two
+	within(t, g.started, "x2 to start")
+	select {
+	case n := <-room:
+		t.Fatalf("WaitRoomFor(2) = %d with room for one and the runner busy", n)
+	case <-time.After(50 * time.Millisecond):
+	}
+	g.release <- struct{}{} // x2 ends: room for two
+	if got := within(t, room, "room for two"); got != 2 {
+		t.Errorf("WaitRoomFor(2) = %d, want 2", got)
+	}
+	within(t, g.started, "x3 to start")
+	g.release <- struct{}{}
+	within(t, g.started, "x4 to start")
+	g.release <- struct{}{} // all done: the runner is idle
+	for q.Running() > 0 {
+		time.Sleep(time.Millisecond)
+	}
+	n, err := q.WaitRoomFor(t.Context(), 100)
+	if err != nil || n != 4 {
+		t.Errorf("WaitRoomFor(100) on an idle queue = %d, %v; want 4 at once", n, err)
+	}
+}
+
+// TestHoldKeepsKeyBusy: an item that holds its key frees the runner when
+// it returns, so another key's item runs, but its own key's next item
+// waits for the release; a release before the item returns holds nothing.
+func TestHoldKeepsKeyBusy(t *testing.T) {
+	q := New[string](4, 1, 0)
+	releases := make(chan func(), 4)
+	started := make(chan string, 4)
+	runQueue(t, q, func(key, it string) {
+		started <- it
+		if it == "x1" {
+			releases <- q.Hold(key)
+		}
+		if it == "y1" {
+			q.Hold(key)() // released while running: no effect on order
+		}
+	})
+	for _, p := range [][2]string{{"x", "x1"}, {"x", "x2"}, {"y", "y1"}, {"y", "y2"}} {
+		if err := q.Push(p[0], p[1]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	release := within(t, releases, "x1's hold")
+	var got []string
+	for range 3 {
+		got = append(got, within(t, started, "an item to start"))
+	}
+	if want := []string{"x1", "y1", "y2"}; !slices.Equal(got, want) {
+		t.Fatalf("started %v while x was held, want %v", got, want)
+	}
+	select {
+	case it := <-started:
+		t.Fatalf("%s started while x was held", it)
+	case <-time.After(50 * time.Millisecond):
+	}
+	release()
+	release() // a second call does nothing
+	if it := within(t, started, "x2 after the release"); it != "x2" {
+		t.Fatalf("started %s after the release, want x2", it)
+	}
 }
