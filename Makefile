@@ -43,8 +43,10 @@ fmt-check:
 demo: libvirt-up
 	scripts/demo.sh
 
-# Benchmarks against a baseline measured in the same run (direct go-libvirt
-# calls); prints a table of medians and ratios. COUNT=10 for more runs.
+# Benchmarks (scripts/bench.sh): the load harness (internal/bench, build
+# tag bench), each virtbus row beside go-libvirt doing the same work in the
+# same run, then the micro-benchmarks; prints the tables at the end.
+# VIRTBUS_BENCH_SCALE=0.1 for a quick run; COUNT=n runs of BenchmarkStatus.
 bench: libvirt-up
 	scripts/bench.sh
 

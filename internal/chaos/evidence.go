@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/virtbus/virtbus/internal/bus"
+	"github.com/virtbus/virtbus/internal/testdriver"
 )
 
 // evidence is what the checks look at, gathered once after the run.
@@ -20,7 +21,7 @@ type evidence struct {
 	final      map[string]bus.Completion // the first event copy, else the record
 	fromRecord map[string]bool           // final came from VIRTBUS_DONE: never seen on the event subject
 	outOfOrder map[string]string         // id -> the later-published id that arrived before it
-	resets     []driverReset
+	resets     []testdriver.Reset
 	driverErrs []string
 	last       time.Time // the last first copy arrived
 }
@@ -50,7 +51,7 @@ func (h *Harness) gather(o *Outcome) *evidence {
 		}
 	}
 	h.fillFromRecords(e)
-	e.resets, e.driverErrs = h.td.history()
+	e.resets, e.driverErrs = h.td.History()
 	return e
 }
 

@@ -106,7 +106,7 @@ func (e *evidence) expect(v *VM) (model, map[touch]string) {
 // actual is libvirt's view of v: running or not, the image attached or not.
 func (h *Harness) actual(v *VM) (running, disk bool, err error) {
 	if v.Kind == KindTest {
-		st, err := h.td.state(v.Name)
+		st, err := h.td.State(v.Name)
 		return st == libvirt.DomainRunning, false, err
 	}
 	dom := h.doms[v.Name]

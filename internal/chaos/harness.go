@@ -16,6 +16,8 @@ import (
 
 	"github.com/virtbus/virtbus/internal/bus"
 	"github.com/virtbus/virtbus/internal/testbed"
+	"github.com/virtbus/virtbus/internal/testdriver"
+	"github.com/virtbus/virtbus/internal/workerproc"
 )
 
 // Harness is one chaos run: the NATS server, the two workers, the
@@ -30,7 +32,7 @@ type Harness struct {
 	js     jetstream.JetStream
 	col    *collector
 	lv     *testbed.Live
-	td     *testDriver
+	td     *testdriver.Driver
 	VMs    []*VM
 	doms   map[string]libvirt.Domain // the QEMU domains, by name
 	work   []*worker
@@ -97,19 +99,19 @@ func (h *Harness) makeVMs() {
 		h.VMs = append(h.VMs, v)
 		h.doms[v.Name] = dom
 	}
-	td, err := openTestDriver(testbed.Socket())
+	td, err := testdriver.Open(testbed.Socket())
 	if err != nil {
 		testbed.Unavailable(h.t, err.Error())
 	}
 	h.td = td
 	h.t.Cleanup(func() {
-		if err := td.close(); err != nil {
+		if err := td.Close(); err != nil {
 			h.t.Error(err)
 		}
 	})
 	for range h.S.TestVMs {
 		v := &VM{Name: testbed.Name("chaos-td"), Kind: KindTest, Host: testHost}
-		if err := td.define(v.Name); err != nil {
+		if err := td.Define(v.Name); err != nil {
 			h.t.Fatal(err)
 		}
 		h.VMs = append(h.VMs, v)
@@ -131,12 +133,12 @@ func sparseImage(path string, size int64) error {
 // startWorkers builds the worker and starts one per driver, and waits
 // until both are ready (the stream exists then).
 func (h *Harness) startWorkers() {
-	bin, err := buildWorker(h.dir)
+	bin, err := workerproc.Build(h.dir)
 	if err != nil {
 		h.t.Fatal(err)
 	}
 	h.build = revision()
-	uris := map[Kind]string{KindQEMU: "qemu:///system", KindTest: TestDriverURI}
+	uris := map[Kind]string{KindQEMU: "qemu:///system", KindTest: testdriver.URI}
 	for _, k := range []Kind{KindQEMU, KindTest} {
 		w := newWorker(k, h.hostOf(k), bin, h.dir, h.workerEnv(k, uris[k]))
 		if _, err := w.start(); err != nil {

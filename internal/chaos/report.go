@@ -7,6 +7,8 @@ import (
 	"strings"
 	"text/tabwriter"
 	"time"
+
+	"github.com/virtbus/virtbus/internal/testdriver"
 )
 
 // maxShown bounds the violations printed per check.
@@ -96,9 +98,9 @@ func (h *Harness) resetsNear(e *evidence, f *fault) string {
 
 // resetsUnplanned are the test driver's resets that the run's own
 // libvirtd restart does not account for: someone else restarted libvirtd.
-func (h *Harness) resetsUnplanned() []driverReset {
-	resets, _ := h.td.history()
-	var out []driverReset
+func (h *Harness) resetsUnplanned() []testdriver.Reset {
+	resets, _ := h.td.History()
+	var out []testdriver.Reset
 	for _, r := range resets {
 		planned := false
 		for _, f := range h.faults {

@@ -2,8 +2,6 @@ package chaos
 
 import (
 	"fmt"
-	"io"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -12,41 +10,21 @@ import (
 	"sync"
 	"syscall"
 	"time"
-)
 
-// buildWorker builds cmd/worker into dir and returns the binary's path.
-// The go tool is the one `go test` put first in PATH.
-func buildWorker(dir string) (string, error) {
-	goTool, err := exec.LookPath("go")
-	if err != nil {
-		return "", fmt.Errorf("find the go tool: %w", err)
-	}
-	out, err := exec.Command(goTool, "build", "-o", dir+string(os.PathSeparator),
-		"github.com/virtbus/virtbus/cmd/worker").CombinedOutput()
-	if err != nil {
-		return "", fmt.Errorf("go build cmd/worker: %v\n%s", err, out)
-	}
-	return filepath.Join(dir, "worker"), nil
-}
+	"github.com/virtbus/virtbus/internal/workerproc"
+)
 
 // revision says which commit the worker was built from, and which files
 // had uncommitted changes then: the code under test moves while it runs.
-// (The build cannot stamp it: this machine's GOFLAGS has -buildvcs=false.)
 func revision() string {
-	head, err := exec.Command("git", "rev-parse", "--short=12", "HEAD").Output()
+	commit, changed, err := workerproc.Revision()
 	if err != nil {
 		return "unknown (" + err.Error() + ")"
 	}
-	out := strings.TrimSpace(string(head))
-	changed, err := exec.Command("git", "status", "--porcelain", "--untracked-files=no").Output()
-	if err == nil && len(changed) > 0 {
-		var files []string
-		for _, line := range strings.Split(strings.TrimSpace(string(changed)), "\n") {
-			files = append(files, strings.TrimSpace(line[min(2, len(line)):]))
-		}
-		out += " plus uncommitted changes in " + strings.Join(files, ", ")
+	if len(changed) > 0 {
+		commit += " plus uncommitted changes in " + strings.Join(changed, ", ")
 	}
-	return out
+	return commit
 }
 
 // worker is one host's worker process, started again whenever it ends
@@ -79,13 +57,7 @@ type incarnation struct {
 }
 
 func newWorker(k Kind, host, bin, logDir string, env map[string]string) *worker {
-	w := &worker{Kind: k, Host: host, Metrics: env["VIRTBUS_METRICS_ADDR"], bin: bin, logDir: logDir}
-	w.env = []string{"PATH=" + os.Getenv("PATH")}
-	for key, v := range env {
-		w.env = append(w.env, key+"="+v)
-	}
-	slices.Sort(w.env)
-	return w
+	return &worker{Kind: k, Host: host, Metrics: env["VIRTBUS_METRICS_ADDR"], bin: bin, logDir: logDir, env: workerproc.Env(env)}
 }
 
 // start runs a new incarnation.
@@ -177,20 +149,11 @@ func (w *worker) stop(grace time.Duration) error {
 // waitReady polls /readyz until it answers 200 or timeout passes, and
 // returns how long that took.
 func (w *worker) waitReady(timeout time.Duration) (time.Duration, error) {
-	start := time.Now()
-	client := &http.Client{Timeout: time.Second}
-	for time.Since(start) < timeout {
-		resp, err := client.Get("http://" + w.Metrics + "/readyz")
-		if err == nil {
-			_, _ = io.Copy(io.Discard, resp.Body)
-			_ = resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return time.Since(start), nil
-			}
-		}
-		time.Sleep(50 * time.Millisecond)
+	d, err := workerproc.WaitReady(w.Metrics, timeout)
+	if err != nil {
+		return d, fmt.Errorf("%s %w", w.Kind, err)
 	}
-	return time.Since(start), fmt.Errorf("%s worker not ready on %s within %s", w.Kind, w.Metrics, timeout)
+	return d, nil
 }
 
 // unexpectedExits lists the exits the harness did not cause.

@@ -1,4 +1,9 @@
-package chaos
+// Package testdriver holds libvirt's test driver (test:///default, served
+// by the same libvirtd as QEMU) open for the whole of a harness run and
+// defines shut-off domains in it: domains that start and stop in a
+// fraction of a millisecond, for load that real QEMU domains could not
+// take. The chaos and bench harnesses use it.
+package testdriver
 
 import (
 	"fmt"
@@ -11,18 +16,17 @@ import (
 	"libvirt.org/go/libvirtxml"
 )
 
-// TestDriverURI is libvirt's test driver, served by the same libvirtd.
-const TestDriverURI = "test:///default"
+// URI is libvirt's test driver, served by the same libvirtd.
+const URI = "test:///default"
 
-// testDriver holds a connection to the test driver for the whole run.
+// Driver holds a connection to the test driver for the whole run.
 // libvirtd keeps the driver's state (the domains defined in it) only while
-// some connection to it is open: the worker's connection dies with every
-// SIGKILL, and without this one the next worker would find a driver that
-// forgot the harness's domains. A libvirtd restart wipes the state anyway:
-// the holder sees its connection drop, connects again and defines the
-// domains again, shut off. Each such reset is kept, for the final-state
-// check.
-type testDriver struct {
+// some connection to it is open: a worker's connection dies with every
+// SIGKILL or restart, and without this one the next worker would find a
+// driver that forgot the harness's domains. A libvirtd restart wipes the
+// state anyway: the holder sees its connection drop, connects again and
+// defines the domains again, shut off. Each such reset is kept.
+type Driver struct {
 	socket string
 	stop   chan struct{}
 	done   chan struct{}
@@ -30,36 +34,39 @@ type testDriver struct {
 	mu     sync.Mutex
 	l      *libvirt.Libvirt
 	names  []string
-	resets []driverReset
+	resets []Reset
 	errs   []string
 }
 
-// driverReset is one loss of the holder's connection.
-type driverReset struct {
+// Reset is one loss of the holder's connection.
+type Reset struct {
 	Lost      time.Time // the connection dropped
 	Recreated time.Time // connected again and the domains defined again
 	Missing   int       // domains the driver had forgotten
 }
 
-func dialTestDriver(socket string) (*libvirt.Libvirt, error) {
+// Dial opens a connection of its own to the test driver through the
+// libvirtd listening on socket.
+func Dial(socket string) (*libvirt.Libvirt, error) {
 	l := libvirt.NewWithDialer(dialers.NewLocal(dialers.WithSocket(socket), dialers.WithLocalTimeout(5*time.Second)))
-	if err := l.ConnectToURI(TestDriverURI); err != nil {
-		return nil, fmt.Errorf("connect %s via %s: %w", TestDriverURI, socket, err)
+	if err := l.ConnectToURI(URI); err != nil {
+		return nil, fmt.Errorf("connect %s via %s: %w", URI, socket, err)
 	}
 	return l, nil
 }
 
-func openTestDriver(socket string) (*testDriver, error) {
-	l, err := dialTestDriver(socket)
+// Open connects the holder; Close lets go of it.
+func Open(socket string) (*Driver, error) {
+	l, err := Dial(socket)
 	if err != nil {
 		return nil, err
 	}
-	d := &testDriver{socket: socket, l: l, stop: make(chan struct{}), done: make(chan struct{})}
+	d := &Driver{socket: socket, l: l, stop: make(chan struct{}), done: make(chan struct{})}
 	go d.watch()
 	return d, nil
 }
 
-func testDomainXML(name string) (string, error) {
+func domainXML(name string) (string, error) {
 	def := libvirtxml.Domain{
 		Type:   "test",
 		Name:   name,
@@ -69,8 +76,9 @@ func testDomainXML(name string) (string, error) {
 	return def.Marshal()
 }
 
-// define makes a shut-off domain named name in the test driver.
-func (d *testDriver) define(name string) error {
+// Define makes a shut-off domain named name in the test driver. Close
+// removes it again.
+func (d *Driver) Define(name string) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if err := defineOn(d.l, name); err != nil {
@@ -81,19 +89,19 @@ func (d *testDriver) define(name string) error {
 }
 
 func defineOn(l *libvirt.Libvirt, name string) error {
-	doc, err := testDomainXML(name)
+	doc, err := domainXML(name)
 	if err != nil {
 		return err
 	}
 	if _, err := l.DomainDefineXML(doc); err != nil {
-		return fmt.Errorf("define %s in %s: %w", name, TestDriverURI, err)
+		return fmt.Errorf("define %s in %s: %w", name, URI, err)
 	}
 	return nil
 }
 
 // watch reconnects after every loss of the connection and defines again
-// the domains the driver forgot, until close.
-func (d *testDriver) watch() {
+// the domains the driver forgot, until Close.
+func (d *Driver) watch() {
 	defer close(d.done)
 	for {
 		d.mu.Lock()
@@ -104,7 +112,7 @@ func (d *testDriver) watch() {
 			return
 		case <-gone:
 		}
-		r := driverReset{Lost: time.Now()}
+		r := Reset{Lost: time.Now()}
 		l := d.redial()
 		if l == nil {
 			return
@@ -118,10 +126,10 @@ func (d *testDriver) watch() {
 	}
 }
 
-// redial connects again, trying every 20 ms; nil once close was called.
-func (d *testDriver) redial() *libvirt.Libvirt {
+// redial connects again, trying every 20 ms; nil once Close was called.
+func (d *Driver) redial() *libvirt.Libvirt {
 	for {
-		if l, err := dialTestDriver(d.socket); err == nil {
+		if l, err := Dial(d.socket); err == nil {
 			return l
 		}
 		select {
@@ -133,7 +141,7 @@ func (d *testDriver) redial() *libvirt.Libvirt {
 }
 
 // recreate defines again every domain l does not know; d.mu is held.
-func (d *testDriver) recreate(l *libvirt.Libvirt) int {
+func (d *Driver) recreate(l *libvirt.Libvirt) int {
 	missing := 0
 	for _, name := range d.names {
 		if _, err := l.DomainLookupByName(name); err == nil {
@@ -150,8 +158,8 @@ func (d *testDriver) recreate(l *libvirt.Libvirt) int {
 	return missing
 }
 
-// state is the domain's state as the test driver reports it.
-func (d *testDriver) state(name string) (libvirt.DomainState, error) {
+// State is the domain's state as the test driver reports it.
+func (d *Driver) State(name string) (libvirt.DomainState, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	dom, err := d.l.DomainLookupByName(name)
@@ -162,15 +170,15 @@ func (d *testDriver) state(name string) (libvirt.DomainState, error) {
 	return libvirt.DomainState(st), err
 }
 
-// history is the resets so far and the errors met re-creating domains.
-func (d *testDriver) history() ([]driverReset, []string) {
+// History is the resets so far and the errors met re-creating domains.
+func (d *Driver) History() ([]Reset, []string) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	return slices.Clone(d.resets), slices.Clone(d.errs)
 }
 
-// close removes the domains the harness defined and lets go of the driver.
-func (d *testDriver) close() error {
+// Close removes the domains Define made and lets go of the driver.
+func (d *Driver) Close() error {
 	close(d.stop)
 	<-d.done
 	d.mu.Lock()

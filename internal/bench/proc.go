@@ -1,0 +1,81 @@
+package bench
+
+import (
+	"bufio"
+	"bytes"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// clockTick is USER_HZ, the unit of utime and stime in /proc/<pid>/stat:
+// 100 Hz on every Linux architecture Go runs on.
+const clockTick = 10 * time.Millisecond
+
+// cpuTime is the CPU time the process has used so far, user plus system.
+func cpuTime(pid int) (time.Duration, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, fmt.Errorf("cpu time of pid %d: %w", pid, err)
+	}
+	// The command name (field 2) may hold spaces and parentheses: count
+	// the fields from after its closing one, where field 3 (state) starts.
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 {
+		return 0, fmt.Errorf("cpu time of pid %d: no command name in %q", pid, b)
+	}
+	f := strings.Fields(string(b[i+1:]))
+	if len(f) < 13 {
+		return 0, fmt.Errorf("cpu time of pid %d: %d fields after the name", pid, len(f))
+	}
+	var ticks int64
+	for _, s := range f[11:13] { // fields 14 and 15: utime, stime
+		n, err := strconv.ParseInt(s, 10, 64)
+		if err != nil {
+			return 0, fmt.Errorf("cpu time of pid %d: %w", pid, err)
+		}
+		ticks += n
+	}
+	return time.Duration(ticks) * clockTick, nil
+}
+
+// peakRSS is the most resident memory the process has had (VmHWM), in
+// bytes.
+func peakRSS(pid int) (uint64, error) {
+	kb, err := procField(fmt.Sprintf("/proc/%d/status", pid), "VmHWM:")
+	if err != nil {
+		return 0, fmt.Errorf("peak RSS of pid %d: %w", pid, err)
+	}
+	return kb << 10, nil
+}
+
+// memTotal is the machine's memory, in bytes.
+func memTotal() (uint64, error) {
+	kb, err := procField("/proc/meminfo", "MemTotal:")
+	return kb << 10, err
+}
+
+// procField reads a "Name:   123 kB" line of a /proc file.
+func procField(path, name string) (uint64, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if rest, ok := strings.CutPrefix(sc.Text(), name); ok {
+			v := strings.Fields(rest)
+			if len(v) == 0 {
+				break
+			}
+			return strconv.ParseUint(v[0], 10, 64)
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return 0, err
+	}
+	return 0, fmt.Errorf("%s: no %s line", path, name)
+}
