@@ -51,20 +51,22 @@ func (w *Watcher) Await(u libvirt.UUID) *Awaiting {
 }
 
 // hear takes an event as it comes off the subscription: Lookup answers
-// with the state it implies from now on, and the domain's waiters are told.
+// with the state it implies from now on, the domain's waiters are told,
+// and a define or undefine changes its Definition.
 // It never waits on them: the pump must read on (see watch).
 func (w *Watcher) hear(ev any) {
 	m, ok := ev.(*libvirt.DomainEventCallbackLifecycleMsg)
 	if !ok {
 		return
 	}
+	u := m.Msg.Dom.UUID
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.noteDefinition(u, libvirt.DomainEventType(m.Msg.Event))
 	st := impliedState(m.Msg.Event)
 	if st == "" {
 		return
 	}
-	u := m.Msg.Dom.UUID
-	w.mu.Lock()
-	defer w.mu.Unlock()
 	w.seq++
 	w.heard[u] = heardState{state: st, seq: w.seq}
 	for a := range w.waiters[u] {
@@ -79,6 +81,10 @@ func (w *Watcher) subscribed(live bool) {
 	defer w.mu.Unlock()
 	w.live = live
 	if live {
+		// Events sent while no subscription was live are lost: every
+		// definition may have changed.
+		w.defSeq++
+		w.subscribedAt = w.defSeq
 		return
 	}
 	for _, as := range w.waiters {
@@ -197,4 +203,36 @@ func (a *Awaiting) down() bool {
 	default:
 		return false
 	}
+}
+
+// maxDefinitions bounds the domains whose definition events are counted;
+// past it every count starts again, as after a new subscription.
+const maxDefinitions = 10000
+
+// noteDefinition counts a define or undefine event of the domain with
+// UUID u (see Definition). w.mu is held.
+func (w *Watcher) noteDefinition(u libvirt.UUID, ev libvirt.DomainEventType) {
+	if ev != libvirt.DomainEventDefined && ev != libvirt.DomainEventUndefined {
+		return
+	}
+	w.defSeq++
+	if len(w.defined) >= maxDefinitions {
+		clear(w.defined)
+		w.subscribedAt = w.defSeq
+		w.defSeq++
+	}
+	w.defined[u] = w.defSeq
+}
+
+// Definition numbers what the watcher knows of the definition of the
+// domain with UUID u: it changes with every define or undefine event of
+// the domain and with every new subscription (events in between were
+// lost), and is 0 while no subscription is live.
+func (w *Watcher) Definition(u libvirt.UUID) uint64 {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if !w.live {
+		return 0
+	}
+	return max(w.defined[u], w.subscribedAt)
 }

@@ -12,6 +12,8 @@ import (
 	"fmt"
 	"log/slog"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/digitalocean/go-libvirt"
@@ -50,6 +52,11 @@ type DomainView interface {
 	// Await registers for the lifecycle events of the domain with UUID u
 	// from now on; nil when none would come.
 	Await(u libvirt.UUID) *Awaiting
+	// Definition numbers what is known of the definition of the domain
+	// with UUID u: it changes whenever the domain may have been defined
+	// anew since (an event said so, or events could have been missed),
+	// and is 0 when nothing can be known (no live subscription).
+	Definition(u libvirt.UUID) uint64
 }
 
 // Executor runs actions against the domains of one libvirtd.
@@ -59,6 +66,11 @@ type Executor struct {
 	log  *slog.Logger
 
 	attaching chan struct{} // held by the attach past its sharing check
+	// intentFree holds the domains known to carry no reboot intent, by
+	// UUID, with the View's Definition they were known for (see
+	// clearIntent).
+	intentFree sync.Map
+	nfree      atomic.Int64
 
 	// afterShutdown, set by tests only, runs when a soft reboot's shutdown is
 	// done; an error ends the reboot there, before its start, as a worker

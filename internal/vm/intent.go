@@ -81,6 +81,9 @@ func (e *Executor) intentFlags(ctx context.Context, dom libvirt.Domain) (libvirt
 
 // setIntent records in dom, where flags say, that a reboot began at since.
 func (e *Executor) setIntent(ctx context.Context, dom libvirt.Domain, since time.Time, flags libvirt.DomainModificationImpact) error {
+	if _, loaded := e.intentFree.LoadAndDelete(dom.UUID); loaded {
+		e.nfree.Add(-1)
+	}
 	doc, err := xml.Marshal(rebootIntent{Since: since.UTC()})
 	if err != nil {
 		return fmt.Errorf("%w: build reboot intent: %v", ErrInvalid, err)
@@ -93,21 +96,64 @@ func (e *Executor) setIntent(ctx context.Context, dom libvirt.Domain, since time
 
 // clearIntent removes the reboot intent from dom, live and config. Most
 // domains have none, which costs one read; a domain that is gone (a
-// transient one stopped) has none either.
+// transient one stopped) has none either. With a view, a domain found
+// without one is remembered, and not read again while its definition is
+// the same: only this worker writes intents (one worker holds a host),
+// and setIntent forgets the domain first. A define or undefine event, or
+// a subscription that ended, makes it read again.
 func (e *Executor) clearIntent(ctx context.Context, dom libvirt.Domain) error {
+	def := e.definition(dom.UUID)
+	if v, ok := e.intentFree.Load(dom.UUID); ok && def != 0 && v == def {
+		return nil
+	}
 	_, found, err := e.intentDoc(ctx, dom)
 	if errors.Is(err, ErrNotFound) {
 		return nil
 	}
-	if err != nil || !found {
-		return err
-	}
-	flags, err := e.intentFlags(ctx, dom)
 	if err != nil {
 		return err
 	}
-	// No metadata text removes the element.
-	return e.conn.call(ctx, "clear reboot intent of "+dom.Name, func(l *libvirt.Libvirt) error {
-		return l.DomainSetMetadata(dom, int32(libvirt.DomainMetadataElement), nil, nil, libvirt.OptString{intentURI}, flags)
-	})
+	if found {
+		flags, err := e.intentFlags(ctx, dom)
+		if err != nil {
+			return err
+		}
+		// No metadata text removes the element.
+		err = e.conn.call(ctx, "clear reboot intent of "+dom.Name, func(l *libvirt.Libvirt) error {
+			return l.DomainSetMetadata(dom, int32(libvirt.DomainMetadataElement), nil, nil, libvirt.OptString{intentURI}, flags)
+		})
+		if err != nil {
+			return err
+		}
+	}
+	e.rememberIntentFree(dom.UUID, def)
+	return nil
+}
+
+// maxIntentFree bounds the domains remembered without an intent; past it
+// they are all forgotten, and each costs one read again.
+const maxIntentFree = 10000
+
+// rememberIntentFree notes that dom carries no intent as of definition
+// def; nothing is noted when nothing can be known of its definition.
+func (e *Executor) rememberIntentFree(u libvirt.UUID, def uint64) {
+	if def == 0 {
+		return
+	}
+	if e.nfree.Load() >= maxIntentFree {
+		e.intentFree.Clear()
+		e.nfree.Store(0)
+	}
+	if _, loaded := e.intentFree.Swap(u, def); !loaded {
+		e.nfree.Add(1)
+	}
+}
+
+// definition is the view's Definition of the domain with UUID u; 0
+// without a view.
+func (e *Executor) definition(u libvirt.UUID) uint64 {
+	if e.cfg.View == nil {
+		return 0
+	}
+	return e.cfg.View.Definition(u)
 }

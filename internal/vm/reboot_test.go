@@ -101,3 +101,61 @@ func TestStartStopClearRebootIntent(t *testing.T) {
 		})
 	}
 }
+
+// With a view, an executor remembers the domains it found without a
+// reboot intent and does not read it again on their next start or stop:
+// but never past an intent its own soft reboot wrote, nor past a new
+// definition, which may bring one.
+func TestIntentFreeIsForgotten(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t)
+	w := runWatcher(t, h)
+	dom := h.lv.Domain("intentfree", testbed.DomainOptions{Running: true})
+	waitInView(t, w, dom)
+	h.ok(t, dom, vm.Stop, `{"mode":"force"}`, true, "shutoff") // reads it: none
+	before := h.conn.Calls()
+	h.ok(t, dom, vm.Start, ``, true, "running")
+	if n := h.conn.Calls() - before; n != 1 {
+		t.Errorf("start of a domain known without an intent made %d libvirt calls, want 1 (the create)", n)
+	}
+
+	// Its own soft reboot, cut off after the shutdown, leaves an intent.
+	vm.CutRebootsAfterShutdown(h.ex)
+	go func() {
+		time.Sleep(time.Second)
+		_ = h.lv.Conn().DomainDestroy(dom)
+	}()
+	h.fails(t, dom.Name, vm.Reboot, `{"timeout":"60s"}`, vm.ErrUnavailable)
+	if !hasIntent(t, h.lv.Conn(), dom, libvirt.DomainAffectConfig) {
+		t.Fatal("the cut-off reboot left no intent")
+	}
+	h.ok(t, dom, vm.Start, ``, true, "running")
+	if hasIntent(t, h.lv.Conn(), dom, libvirt.DomainAffectConfig) {
+		t.Fatal("start left the intent its own reboot wrote")
+	}
+
+	// A definition that carries an intent, as an operator's virsh define
+	// of a saved XML could.
+	l := h.lv.Conn()
+	def := w.Definition(dom.UUID)
+	if err := l.DomainSetMetadata(dom, int32(libvirt.DomainMetadataElement), libvirt.OptString{`<reboot since="2026-01-01T00:00:00Z"/>`},
+		libvirt.OptString{"virtbus"}, libvirt.OptString{vm.IntentURI}, libvirt.DomainAffectConfig); err != nil {
+		t.Fatal(err)
+	}
+	xml, err := l.DomainGetXMLDesc(dom, libvirt.DomainXMLInactive)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := l.DomainDefineXML(xml); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(10 * time.Second); w.Definition(dom.UUID) == def; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the watcher never heard of the new definition")
+		}
+	}
+	h.ok(t, dom, vm.Stop, `{"mode":"force"}`, true, "shutoff")
+	if hasIntent(t, h.lv.Conn(), dom, libvirt.DomainAffectConfig) {
+		t.Fatal("stop left the intent a new definition brought")
+	}
+}

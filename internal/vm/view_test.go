@@ -137,6 +137,8 @@ func (v staleView) Lookup(name string) (vm.DomainInfo, bool) { return v.info, na
 // Await hears nothing, as a view whose subscription is down.
 func (staleView) Await(libvirt.UUID) *vm.Awaiting { return nil }
 
+func (staleView) Definition(libvirt.UUID) uint64 { return 0 }
+
 // A domain undefined and defined again under the same name has another
 // UUID; a view that has not heard of it yet costs a lookup, not a wrong
 // answer: the request libvirtd does not know the old UUID for, and the

@@ -68,10 +68,15 @@ type Watcher struct {
 	// heard is what the events since a domain's last read told of its
 	// state (see await.go): Lookup answers with it, so that an action
 	// right after another does not decide on the state from before it.
-	heard   map[libvirt.UUID]heardState
-	seq     uint64 // events heard so far: orders them against the reads
-	live    bool   // a subscription is live: events reach the waiters
-	waiters map[libvirt.UUID]map[*Awaiting]struct{}
+	heard map[libvirt.UUID]heardState
+	seq   uint64 // events heard so far: orders them against the reads
+	live  bool   // a subscription is live: events reach the waiters
+	// defined and subscribedAt number define and undefine events and new
+	// subscriptions, from defSeq (see Definition).
+	defined      map[libvirt.UUID]uint64
+	subscribedAt uint64
+	defSeq       uint64
+	waiters      map[libvirt.UUID]map[*Awaiting]struct{}
 }
 
 // NewWatcher returns a watcher of conn's libvirtd; Run starts it.
@@ -81,6 +86,7 @@ func NewWatcher(conn *Conn, log *slog.Logger) *Watcher {
 		log:     log,
 		view:    map[libvirt.UUID]DomainInfo{},
 		heard:   map[libvirt.UUID]heardState{},
+		defined: map[libvirt.UUID]uint64{},
 		waiters: map[libvirt.UUID]map[*Awaiting]struct{}{},
 	}
 }
