@@ -486,9 +486,10 @@ func startDeployWorker(t *testing.T, url string) *deployWorker {
 }
 
 // settle waits until the worker has acked every command of its host. It
-// acks a command only after publishing its completion and flushing, so by
-// then the server has answered every publish of the worker's, refusals
-// included.
+// acks a command only after publishing its completion on the same
+// connection, so by then the server has answered every publish of the
+// worker's, refusals included; a flush of that connection then makes sure
+// the worker has read those answers.
 func (d *deployWorker) settle(t *testing.T, url string) {
 	t.Helper()
 	js, err := jetstream.New(connectAs(t, url, "admin"))
@@ -502,6 +503,9 @@ func (d *deployWorker) settle(t *testing.T, url string) {
 		}
 		info := cons.CachedInfo()
 		if info.NumPending == 0 && info.NumAckPending == 0 {
+			if err := d.nc.Flush(); err != nil {
+				t.Fatal(err)
+			}
 			return
 		}
 		if time.Now().After(deadline) {
