@@ -15,7 +15,8 @@ import (
 type answering struct {
 	j         *job
 	c         Completion
-	record    bool // write c to the record bucket before publishing it
+	data      []byte // c encoded, set by add
+	record    bool   // write c to the record bucket before publishing it
 	duplicate bool // c is the record of an earlier delivery
 	put       jetstream.PubAckFuture
 	putErr    error
@@ -34,8 +35,7 @@ type answering struct {
 type answerer struct {
 	w    *Worker
 	room chan struct{}   // a token per answer on its way
-	in   chan *answering // from the runners
-	sent chan *answering // record writes sent, to be confirmed
+	in   chan *answering // from the runners, their records sent
 	done chan struct{}
 }
 
@@ -44,7 +44,6 @@ func newAnswerer(w *Worker) *answerer {
 		w:    w,
 		room: make(chan struct{}, w.cfg.QueueSize),
 		in:   make(chan *answering, w.cfg.QueueSize),
-		sent: make(chan *answering, w.cfg.QueueSize),
 		done: make(chan struct{}),
 	}
 }
@@ -54,26 +53,23 @@ func newAnswerer(w *Worker) *answerer {
 // fails is not tried again, and its command is handed back instead.
 func (a *answerer) run(ctx context.Context) {
 	defer close(a.done)
-	go func() {
-		defer close(a.sent)
-		for an := range a.in {
-			if an.record {
-				an.put, an.putErr = a.w.records.Load().putAsync(an.c)
-			}
-			a.sent <- an
-		}
-	}()
-	for an := range a.sent {
+	for an := range a.in {
 		a.answer(ctx, an)
 	}
 }
 
-// add hands an answer over. At most as many answers as the FIFO holds
-// commands are on their way at once; a runner that finds no room waits,
-// holding its slot, so the worker holds at most twice the FIFO's size of
-// unacked messages (beyond the parked ones).
+// add hands an answer over, once its record write is sent: the runner
+// sends it, which costs no wait, so that it is under way before the
+// runner lets go. At most as many answers as the FIFO holds commands are
+// on their way at once; a runner that finds no room waits, holding its
+// slot, so the worker holds at most twice the FIFO's size of unacked
+// messages (beyond the parked ones).
 func (a *answerer) add(an *answering) {
 	a.room <- struct{}{}
+	an.c, an.data, an.putErr = a.w.encode(an.c)
+	if an.record && an.putErr == nil {
+		an.put, an.putErr = a.w.records.Load().putAsync(an.c.ID, an.data)
+	}
 	a.in <- an
 }
 
@@ -98,6 +94,11 @@ func (a *answerer) answer(ctx context.Context, an *answering) {
 	if an.release != nil {
 		defer an.release() // also after a panic
 	}
+	if an.data == nil {
+		w.log.Error("completion not encodable; handing back", "id", an.j.cmd.ID, "err", an.putErr)
+		w.handBack(an.j)
+		return
+	}
 	recorded := !an.record || w.confirmRecord(ctx, an)
 	if an.release != nil {
 		// The VM's next command may start: this one is recorded, or it is
@@ -114,7 +115,7 @@ func (a *answerer) answer(ctx context.Context, an *answering) {
 		w.held.remove(an.j)
 		return
 	}
-	w.finish(ctx, an.j, an.c, an.duplicate)
+	w.finish(ctx, an.j, an.c, an.data, an.duplicate)
 }
 
 // confirmRecord waits for the server to confirm the record write sent
@@ -134,7 +135,7 @@ func (w *Worker) confirmRecord(ctx context.Context, an *answering) bool {
 	}
 	w.log.Debug("record failed", "id", an.c.ID, "err", an.putErr)
 	callCtx := handlerContext(ctx)
-	err := retry(ctx, func() error { return w.records.Load().put(callCtx, an.c) },
+	err := retry(ctx, func() error { return w.records.Load().put(callCtx, an.c.ID, an.data) },
 		func(err error) { w.log.Debug("record failed", "id", an.c.ID, "err", err) })
 	return err == nil
 }

@@ -86,30 +86,41 @@ func (w *Worker) failure(cmd Command, e *Error) Completion {
 // and confirms with a flush that the server has it: core mode's only
 // confirmation, as nothing follows the completion there.
 func (w *Worker) publish(ctx context.Context, c Completion, reply string) error {
-	return w.deliver(ctx, c, reply, true)
+	c, data, err := w.encode(c)
+	if err != nil {
+		return err
+	}
+	return w.deliver(ctx, c, data, reply, true)
 }
 
-// send sends a completion to the event subject and the reply subject
-// without waiting: the ack that follows on the same connection reaches the
-// server after it, and a redelivery answers a completion that got lost.
-func (w *Worker) send(ctx context.Context, c Completion, reply string) error {
-	return w.deliver(ctx, c, reply, false)
+// send sends a completion, encoded as data, to the event subject and the
+// reply subject without waiting: the ack that follows on the same
+// connection reaches the server after it, and a redelivery answers a
+// completion that got lost.
+func (w *Worker) send(ctx context.Context, c Completion, data []byte, reply string) error {
+	return w.deliver(ctx, c, data, reply, false)
+}
+
+// encode is c as JSON, once for its record and its publishing. Only an
+// unencodable Detail fails; it is dropped then rather than lose the
+// completion, and the completion returned says so.
+func (w *Worker) encode(c Completion) (Completion, []byte, error) {
+	data, err := json.Marshal(c)
+	if err == nil {
+		return c, data, nil
+	}
+	w.log.Error("completion detail not encodable; sent without it", "id", c.ID, "err", err)
+	c.Detail = map[string]any{"encode_error": err.Error()}
+	if data, err = json.Marshal(c); err != nil {
+		return c, nil, fmt.Errorf("encode completion %s: %w", c.ID, err)
+	}
+	return c, data, nil
 }
 
 // deliver is publish (flush set) and send. While NATS is down it keeps
 // trying, until it goes through or ctx ends; the caller must not ack
 // before it returns nil.
-func (w *Worker) deliver(ctx context.Context, c Completion, reply string, flush bool) error {
-	data, err := json.Marshal(c)
-	if err != nil {
-		// Only an unencodable Detail gets here; drop it rather than lose the
-		// completion.
-		w.log.Error("completion detail not encodable; sent without it", "id", c.ID, "err", err)
-		c.Detail = map[string]any{"encode_error": err.Error()}
-		if data, err = json.Marshal(c); err != nil {
-			return fmt.Errorf("encode completion %s: %w", c.ID, err)
-		}
-	}
+func (w *Worker) deliver(ctx context.Context, c Completion, data []byte, reply string, flush bool) error {
 	var subjects []string
 	if ValidToken(c.VM) && ValidToken(c.Action) {
 		subjects = append(subjects, EventSubject(w.cfg.Host, c.VM, c.Action))

@@ -106,9 +106,10 @@ func (w *Worker) runWithRetries(ctx context.Context, cmd Command) (Completion, b
 	}
 }
 
-// finish publishes a completion, then acks its command and reports it.
-func (w *Worker) finish(ctx context.Context, j *job, c Completion, duplicate bool) {
-	if err := w.send(ctx, c, j.cmd.Reply); err != nil {
+// finish publishes a completion (encoded as data), then acks its command
+// and reports it.
+func (w *Worker) finish(ctx context.Context, j *job, c Completion, data []byte, duplicate bool) {
+	if err := w.send(ctx, c, data, j.cmd.Reply); err != nil {
 		w.log.Warn("completion not published at shutdown; handing back", "id", j.cmd.ID, "err", err)
 		w.handBack(j)
 		return

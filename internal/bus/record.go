@@ -76,18 +76,15 @@ func (r *records) raw(ctx context.Context, id string) ([]byte, error) {
 	return e.Value(), nil
 }
 
-// putAsync sends the record of c without waiting for the server's
-// confirmation, which the returned future brings: the worker writes the
-// records of many commands at once and confirms each in order. It writes
-// what Put would, to the bucket's subject for the key.
-func (r *records) putAsync(c Completion) (jetstream.PubAckFuture, error) {
-	data, err := json.Marshal(c)
+// putAsync sends the record of command id, data being its completion,
+// without waiting for the server's confirmation, which the returned future
+// brings: the worker writes the records of many commands at once and
+// confirms each in order. It writes what Put would, to the bucket's
+// subject for the key.
+func (r *records) putAsync(id string, data []byte) (jetstream.PubAckFuture, error) {
+	f, err := r.js.PublishAsync("$KV."+RecordBucket+"."+recordKey(r.host, id), data)
 	if err != nil {
-		return nil, fmt.Errorf("encode completion %s: %w", c.ID, err)
-	}
-	f, err := r.js.PublishAsync("$KV."+RecordBucket+"."+recordKey(r.host, c.ID), data)
-	if err != nil {
-		return nil, fmt.Errorf("record completion %s: %w", c.ID, err)
+		return nil, fmt.Errorf("record completion %s: %w", id, err)
 	}
 	return f, nil
 }
@@ -110,15 +107,13 @@ func (r *records) lookAhead(id string) *lookup {
 	return l
 }
 
-func (r *records) put(ctx context.Context, c Completion) error {
-	data, err := json.Marshal(c)
-	if err != nil {
-		return fmt.Errorf("encode completion %s: %w", c.ID, err)
-	}
+// put writes the record of command id, data being its completion, and
+// waits for the server's confirmation.
+func (r *records) put(ctx context.Context, id string, data []byte) error {
 	ctx, cancel := context.WithTimeout(ctx, recordTimeout)
 	defer cancel()
-	if _, err := r.kv.Put(ctx, recordKey(r.host, c.ID), data); err != nil {
-		return fmt.Errorf("record completion %s: %w", c.ID, err)
+	if _, err := r.kv.Put(ctx, recordKey(r.host, id), data); err != nil {
+		return fmt.Errorf("record completion %s: %w", id, err)
 	}
 	return nil
 }
