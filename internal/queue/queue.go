@@ -204,40 +204,50 @@ func (q *Queue[T]) PushWait(ctx context.Context, key string, item T) error {
 	}
 }
 
-// Run is the dispatch loop: the one goroutine that decides what runs next,
-// so order per key never depends on goroutine scheduling. It calls run for
-// each item on a goroutine of its own. When ctx ends it stops starting items,
-// waits for the running ones to return, and hands back the items still
-// queued or parked, in arrival order, for the caller to return to their
-// source.
+// Run runs the items: concurrency runners each take the oldest item they
+// may start (one whose key is not busy), under the queue's lock, so order
+// per key never depends on goroutine scheduling, and a runner takes its
+// next item as soon as it finished one, with no hand-over in between.
+// When ctx ends it stops starting items, waits for the running ones to
+// return, and hands back the items still queued or parked, in arrival
+// order, for the caller to return to their source.
 func (q *Queue[T]) Run(ctx context.Context, run func(key string, item T)) []T {
 	var wg sync.WaitGroup
-	for {
-		// Checked before starting anything: when an item finishes just as ctx
-		// ends, the select below may wake for either, and nothing may start
-		// after shutdown began.
-		if ctx.Err() != nil {
-			return q.shutdown(&wg)
-		}
-		q.mu.Lock()
-		for q.running < q.concurrency {
-			e, ok := q.nextLocked()
-			if !ok {
-				break
-			}
-			q.busy[e.key] = struct{}{}
-			q.running++
-			wg.Go(func() {
+	for range q.concurrency {
+		wg.Go(func() {
+			for {
+				e, ok := q.take(ctx)
+				if !ok {
+					return
+				}
 				run(e.key, e.item)
 				q.finish(e.key)
-			})
+			}
+		})
+	}
+	<-ctx.Done()
+	return q.shutdown(&wg)
+}
+
+// take waits for an item a runner may start and marks its key busy; false
+// once ctx ended or the queue closed: nothing starts after that.
+func (q *Queue[T]) take(ctx context.Context) (entry[T], bool) {
+	for {
+		q.mu.Lock()
+		if q.closed || ctx.Err() != nil {
+			q.mu.Unlock()
+			return entry[T]{}, false
+		}
+		if e, ok := q.nextLocked(); ok {
+			q.busy[e.key] = struct{}{}
+			q.running++
+			q.mu.Unlock()
+			return e, true
 		}
 		changed := q.changed
 		q.mu.Unlock()
-
 		select {
 		case <-ctx.Done():
-			return q.shutdown(&wg)
 		case <-changed:
 		}
 	}
