@@ -107,6 +107,7 @@ func (b *Bench) liveRow(what string, o workerOptions, cmds []command, window int
 		return nil, err
 	}
 	snd := &sender{js: b.js, host: host, col: col}
+	profiled := w.profile(b.S.Profiles, slug(what), b.S.ProfileFor)
 	start := time.Now()
 	if window == 1 {
 		err = snd.oneAtATime(cmds)
@@ -119,6 +120,9 @@ func (b *Bench) liveRow(what string, o workerOptions, cmds []command, window int
 	cpu1, rss, err := w.usage()
 	if err != nil {
 		return nil, err
+	}
+	if err := profiled(); err != nil {
+		return nil, fmt.Errorf("%s: profile: %w", what, err)
 	}
 	if err := b.finish(w, col); err != nil {
 		return nil, fmt.Errorf("%s: %w", what, err)
@@ -157,12 +161,19 @@ func (b *Bench) backlogRow(what string, n int) (*Row, error) {
 		return nil, err
 	}
 	defer w.kill()
+	if err := w.ready(); err != nil {
+		return nil, fmt.Errorf("%s: %w\n%s", what, err, w.logs())
+	}
+	profiled := w.profile(b.S.Profiles, slug(what), b.S.ProfileFor)
 	if err := col.waitAll(); err != nil {
 		return nil, fmt.Errorf("%s: %w\n%s", what, err, w.logs())
 	}
 	cpu, rss, err := w.usage()
 	if err != nil {
 		return nil, err
+	}
+	if err := profiled(); err != nil {
+		return nil, fmt.Errorf("%s: profile: %w", what, err)
 	}
 	if err := b.finish(w, col); err != nil {
 		return nil, fmt.Errorf("%s: %w", what, err)

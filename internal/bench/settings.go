@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"math"
 	"strconv"
+	"time"
 )
 
 // testDomains is how many test-driver domains the parallel rows spread
@@ -18,6 +19,11 @@ type Sizes struct {
 	QEMU     int   // pause and resume on one QEMU domain (rows 3 and d)
 	InFlight int   // commands kept in flight in rows b and c
 	Backlogs []int // commands published while no worker runs, one row each
+	// Profiles, when set, is a directory where each virtbus row leaves a
+	// CPU profile of its worker (<row>.cpu.pprof), taken over the row's
+	// first ProfileFor; VIRTBUS_BENCH_PPROF names it.
+	Profiles   string
+	ProfileFor time.Duration
 }
 
 // defaultSizes keep a whole `make bench` within about six minutes on a
@@ -26,7 +32,8 @@ var defaultSizes = Sizes{Scale: 1, Serial: 2000, Parallel: 4000, QEMU: 400, InFl
 	Backlogs: []int{10_000, 100_000}}
 
 // LoadSizes reads VIRTBUS_BENCH_SCALE (default 1; 0.1 for a quick run),
-// which multiplies every size but the commands in flight. Each size is
+// which multiplies every size but the commands in flight, and
+// VIRTBUS_BENCH_PPROF (a directory for the workers' CPU profiles). Each size is
 // rounded to whole start-stop (or pause-resume) pairs per domain, so
 // every domain ends each row in the state it began it in.
 func LoadSizes(getenv func(string) string) (Sizes, error) {
@@ -37,6 +44,9 @@ func LoadSizes(getenv func(string) string) (Sizes, error) {
 			return s, fmt.Errorf("VIRTBUS_BENCH_SCALE=%q: want a positive number", raw)
 		}
 		s.Scale = f
+	}
+	if s.Profiles = getenv("VIRTBUS_BENCH_PPROF"); s.Profiles != "" {
+		s.ProfileFor = 5 * time.Second
 	}
 	s.Serial = scaled(s.Serial, s.Scale, 2)
 	s.Parallel = scaled(s.Parallel, s.Scale, 2*testDomains)

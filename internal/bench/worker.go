@@ -2,6 +2,8 @@ package bench
 
 import (
 	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -26,6 +28,7 @@ type workerOptions struct {
 type worker struct {
 	host    string
 	metrics string // VIRTBUS_METRICS_ADDR, for /readyz
+	pprof   string // VIRTBUS_PPROF_ADDR when profiles are asked for
 	log     string
 	pid     int
 	started time.Time
@@ -51,8 +54,11 @@ func (b *Bench) startWorker(host string, o workerOptions) (*worker, error) {
 		"VIRTBUS_STATE_DIR":      state,
 		"VIRTBUS_API_ADDR":       "off",
 		"VIRTBUS_METRICS_ADDR":   w.metrics,
-		"VIRTBUS_LOG_LEVEL":      "warn",
 		"VIRTBUS_CONCURRENCY":    strconv.Itoa(o.concurrency),
+	}
+	if b.S.Profiles != "" {
+		w.pprof = bustest.FreeAddr(b.t)
+		env["VIRTBUS_PPROF_ADDR"] = w.pprof
 	}
 	f, err := os.Create(w.log)
 	if err != nil {
@@ -131,8 +137,9 @@ func (w *worker) usage() (cpu time.Duration, rss uint64, err error) {
 	return cpu, rss, err
 }
 
-// warnings are the lines the worker logged at level WARN or ERROR (it
-// runs at VIRTBUS_LOG_LEVEL=warn; its start-up banner is not a log line).
+// warnings are the lines the worker logged at level WARN or ERROR. It
+// runs at the default level, info, as an operator's would: one line per
+// command.
 func (w *worker) warnings() []string {
 	data, err := os.ReadFile(w.log)
 	if err != nil {
@@ -157,4 +164,33 @@ func (w *worker) logs() string {
 		data = data[len(data)-4096:]
 	}
 	return fmt.Sprintf("==== worker for %s, pid %d (%s) ====\n%s", w.host, w.pid, filepath.Base(w.log), data)
+}
+
+// profile starts taking a CPU profile of the worker for d into
+// dir/name.cpu.pprof, when profiles are asked for; the returned wait
+// blocks until it is written and reports what went wrong. The worker has
+// to live until then.
+func (w *worker) profile(dir, name string, d time.Duration) (wait func() error) {
+	if w.pprof == "" {
+		return func() error { return nil }
+	}
+	done := make(chan error, 1)
+	go func() {
+		url := fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", w.pprof, max(int(d/time.Second), 1))
+		resp, err := http.Get(url)
+		if err != nil {
+			done <- err
+			return
+		}
+		defer resp.Body.Close()
+		data, err := io.ReadAll(resp.Body)
+		if err == nil && resp.StatusCode != http.StatusOK {
+			err = fmt.Errorf("GET %s: %s", url, resp.Status)
+		}
+		if err == nil {
+			err = os.WriteFile(filepath.Join(dir, name+".cpu.pprof"), data, 0o644)
+		}
+		done <- err
+	}()
+	return func() error { return <-done }
 }
