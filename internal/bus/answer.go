@@ -17,7 +17,7 @@ type answering struct {
 	c         Completion
 	data      []byte // c encoded, set by add
 	record    bool   // write c to the record bucket before publishing it
-	duplicate bool // c is the record of an earlier delivery
+	duplicate bool   // c is the record of an earlier delivery
 	put       jetstream.PubAckFuture
 	putErr    error
 	release   func() // lets the VM's next command start; nil: nothing waits
