@@ -79,3 +79,48 @@ func procField(path, name string) (uint64, error) {
 	}
 	return 0, fmt.Errorf("%s: no %s line", path, name)
 }
+
+// machineBusy is the CPU time all processes of the machine have used so
+// far, over all its CPUs: /proc/stat's first line without idle and
+// iowait (guest time is counted in user already).
+func machineBusy() (time.Duration, error) {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return 0, fmt.Errorf("machine cpu time: %w", err)
+	}
+	line, _, _ := bytes.Cut(b, []byte("\n"))
+	f := strings.Fields(string(line))
+	if len(f) < 9 || f[0] != "cpu" {
+		return 0, fmt.Errorf("machine cpu time: unexpected /proc/stat line %q", line)
+	}
+	var ticks int64
+	for i, s := range f[1:9] { // user nice system idle iowait irq softirq steal
+		if i == 3 || i == 4 {
+			continue
+		}
+		n, err := strconv.ParseInt(s, 10, 64)
+		if err != nil {
+			return 0, fmt.Errorf("machine cpu time: %w", err)
+		}
+		ticks += n
+	}
+	return time.Duration(ticks) * clockTick, nil
+}
+
+// machineMeter measures the machine's CPU time over a row's measured part.
+type machineMeter struct{ start time.Duration }
+
+func startMachineMeter() machineMeter {
+	busy, _ := machineBusy()
+	return machineMeter{start: busy}
+}
+
+// used is the machine's CPU time since the meter started; 0 when
+// /proc/stat cannot be read.
+func (m machineMeter) used() time.Duration {
+	busy, err := machineBusy()
+	if err != nil || m.start == 0 {
+		return 0
+	}
+	return busy - m.start
+}

@@ -38,7 +38,7 @@ func (b *Bench) Header(command string) string {
 // Report prints the table, one line per row, and the notes under it.
 func Report(w io.Writer, header string, rows []*Row, notes []string) {
 	fmt.Fprintf(w, "%s\n\n", header)
-	cols := []string{"what", "ops", "rate/s", "p50 ms", "p99 ms", "max ms", "vs baseline", "target", "worker CPU s/10k", "peak RSS MiB"}
+	cols := []string{"what", "ops", "rate/s", "p50 ms", "p99 ms", "max ms", "vs baseline", "target", "worker CPU s/10k", "machine CPU s/10k (busy)", "peak RSS MiB"}
 	fmt.Fprintf(w, "| %s |\n", strings.Join(cols, " | "))
 	fmt.Fprintf(w, "|%s\n", strings.Repeat("---|", len(cols)))
 	for _, r := range rows {
@@ -62,13 +62,23 @@ func (r *Row) cells() []string {
 		}
 	}
 	c = append(c, r.vsBaseline(), r.targetCell())
+	worker, rss := "–", "–"
 	if r.Worker != nil {
-		c = append(c, fmt.Sprintf("%.2f", r.Worker.cpu.Seconds()/float64(r.S.ops)*10_000),
-			fmt.Sprintf("%.1f", float64(r.Worker.rss)/(1<<20)))
-	} else {
-		c = append(c, "–", "–")
+		worker = fmt.Sprintf("%.2f", r.Worker.cpu.Seconds()/float64(r.S.ops)*10_000)
+		rss = fmt.Sprintf("%.1f", float64(r.Worker.rss)/(1<<20))
 	}
-	return c
+	return append(c, worker, r.machineCell(), rss)
+}
+
+// machineCell is the machine's CPU time per 10k operations, and how busy
+// its CPUs were: near 100 % the row was bound by CPU, shared by libvirtd,
+// NATS, the load generator and the worker.
+func (r *Row) machineCell() string {
+	if r.Machine <= 0 || r.S.elapsed <= 0 {
+		return "–"
+	}
+	busy := r.Machine.Seconds() / (r.S.elapsed.Seconds() * float64(runtime.NumCPU())) * 100
+	return fmt.Sprintf("%.2f (%.0f %%)", r.Machine.Seconds()/float64(r.S.ops)*10_000, busy)
 }
 
 // vsBaseline compares the row with its baseline: the rate, and for a

@@ -19,7 +19,11 @@ type Row struct {
 	Base   *Row    // the baseline it stands beside; nil for baselines and backlog rows
 	Target *target // nil: none
 	Worker *usage  // nil for baselines
-	Note   string
+	// Machine is the CPU time every process of the machine used during
+	// the measured part: a row whose machine was busy near all its CPUs
+	// was bound by them, not by waiting.
+	Machine time.Duration
+	Note    string
 	// From and To bound the row, set-up included, to tell which rows a
 	// libvirtd restart fell in.
 	From, To time.Time
@@ -75,11 +79,12 @@ func (b *Bench) baselineRow(what string, l *libvirt.Libvirt, names []string, ops
 	if err := b.expectStates(); err != nil {
 		return nil, err
 	}
+	m := startMachineMeter()
 	s, err := direct(l, names, ops, p)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", what, err)
 	}
-	return &Row{What: what, S: s}, nil
+	return &Row{What: what, S: s, Machine: m.used()}, nil
 }
 
 // liveRow runs cmds through a fresh worker that is ready before the clock
@@ -108,6 +113,7 @@ func (b *Bench) liveRow(what string, o workerOptions, cmds []command, window int
 	}
 	snd := &sender{js: b.js, host: host, col: col}
 	profiled := w.profile(b.S.Profiles, slug(what), b.S.ProfileFor)
+	m := startMachineMeter()
 	start := time.Now()
 	if window == 1 {
 		err = snd.oneAtATime(cmds)
@@ -117,6 +123,7 @@ func (b *Bench) liveRow(what string, o workerOptions, cmds []command, window int
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w\n%s", what, err, w.logs())
 	}
+	machine := m.used()
 	cpu1, rss, err := w.usage()
 	if err != nil {
 		return nil, err
@@ -127,7 +134,7 @@ func (b *Bench) liveRow(what string, o workerOptions, cmds []command, window int
 	if err := b.finish(w, col); err != nil {
 		return nil, fmt.Errorf("%s: %w", what, err)
 	}
-	return &Row{What: what, S: col.sample(start), Worker: &usage{cpu: cpu1 - cpu0, rss: rss}, Note: observed(w, col)}, nil
+	return &Row{What: what, S: col.sample(start), Worker: &usage{cpu: cpu1 - cpu0, rss: rss}, Machine: machine, Note: observed(w, col)}, nil
 }
 
 // backlogRow publishes n commands over the test-driver domains while the
@@ -156,6 +163,7 @@ func (b *Bench) backlogRow(what string, n int) (*Row, error) {
 	if err := b.expectPending(host, len(cmds)); err != nil {
 		return nil, fmt.Errorf("%s: %w", what, err)
 	}
+	m := startMachineMeter()
 	w, err := b.startWorker(host, o)
 	if err != nil {
 		return nil, err
@@ -168,6 +176,7 @@ func (b *Bench) backlogRow(what string, n int) (*Row, error) {
 	if err := col.waitAll(); err != nil {
 		return nil, fmt.Errorf("%s: %w\n%s", what, err, w.logs())
 	}
+	machine := m.used()
 	cpu, rss, err := w.usage()
 	if err != nil {
 		return nil, err
@@ -180,7 +189,7 @@ func (b *Bench) backlogRow(what string, n int) (*Row, error) {
 	}
 	s := col.sample(w.started)
 	s.lat = nil // from publish to completion is mostly the wait for the worker
-	return &Row{What: what, S: s, Worker: &usage{cpu: cpu, rss: rss},
+	return &Row{What: what, S: s, Worker: &usage{cpu: cpu, rss: rss}, Machine: machine,
 		Note: fmt.Sprintf("published in %s while no worker ran; %s", published.Round(10*time.Millisecond), observed(w, col))}, nil
 }
 
