@@ -4,7 +4,7 @@ export PATH := $(PATH):/usr/local/go/bin
 GO ?= go
 BIN := bin
 
-.PHONY: all build test unit-test fuzz demo vet fmt-check lint-deploy libvirt-up libvirt-down bench clean
+.PHONY: all build test unit-test fuzz demo vet fmt-check lint-deploy lint-readme libvirt-up libvirt-down bench clean
 
 all: build
 
@@ -66,6 +66,13 @@ chaos: libvirt-up
 # first run fetches promtool and nats-server into ~/.cache (under a minute).
 lint-deploy:
 	scripts/lint-deploy.sh
+
+# Runs every `nats` example of README.md verbatim with the stock nats CLI
+# against real workers and a test-driver domain web-1, and checks each
+# one's outcome (scripts/lint-readme.sh). The first run builds the nats CLI
+# into the same cache (a minute or two); later runs take seconds.
+lint-readme: libvirt-up
+	scripts/lint-readme.sh
 
 libvirt-up:
 	scripts/libvirt-up.sh
