@@ -123,18 +123,30 @@ func (b *Bench) liveRow(what string, o workerOptions, cmds []command, window int
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w\n%s", what, err, w.logs())
 	}
-	machine := m.used()
-	cpu1, rss, err := w.usage()
+	use, machine, err := b.endRow(what, w, col, m, profiled)
 	if err != nil {
 		return nil, err
 	}
+	use.cpu -= cpu0
+	return &Row{What: what, S: col.sample(start), Worker: &use, Machine: machine, Note: observed(w, col)}, nil
+}
+
+// endRow reads what the row's worker and machine used once its last
+// completion is in, waits for the worker's profile, and stops the worker
+// and checks the row (see finish).
+func (b *Bench) endRow(what string, w *worker, col *collector, m machineMeter, profiled func() error) (usage, time.Duration, error) {
+	machine := m.used()
+	cpu, rss, err := w.usage()
+	if err != nil {
+		return usage{}, 0, err
+	}
 	if err := profiled(); err != nil {
-		return nil, fmt.Errorf("%s: profile: %w", what, err)
+		return usage{}, 0, fmt.Errorf("%s: profile: %w", what, err)
 	}
 	if err := b.finish(w, col); err != nil {
-		return nil, fmt.Errorf("%s: %w", what, err)
+		return usage{}, 0, fmt.Errorf("%s: %w", what, err)
 	}
-	return &Row{What: what, S: col.sample(start), Worker: &usage{cpu: cpu1 - cpu0, rss: rss}, Machine: machine, Note: observed(w, col)}, nil
+	return usage{cpu: cpu, rss: rss}, machine, nil
 }
 
 // backlogRow publishes n commands over the test-driver domains while the
@@ -176,20 +188,13 @@ func (b *Bench) backlogRow(what string, n int) (*Row, error) {
 	if err := col.waitAll(); err != nil {
 		return nil, fmt.Errorf("%s: %w\n%s", what, err, w.logs())
 	}
-	machine := m.used()
-	cpu, rss, err := w.usage()
+	use, machine, err := b.endRow(what, w, col, m, profiled)
 	if err != nil {
 		return nil, err
 	}
-	if err := profiled(); err != nil {
-		return nil, fmt.Errorf("%s: profile: %w", what, err)
-	}
-	if err := b.finish(w, col); err != nil {
-		return nil, fmt.Errorf("%s: %w", what, err)
-	}
 	s := col.sample(w.started)
 	s.lat = nil // from publish to completion is mostly the wait for the worker
-	return &Row{What: what, S: s, Worker: &usage{cpu: cpu, rss: rss}, Machine: machine,
+	return &Row{What: what, S: s, Worker: &use, Machine: machine,
 		Note: fmt.Sprintf("published in %s while no worker ran; %s", published.Round(10*time.Millisecond), observed(w, col))}, nil
 }
 
