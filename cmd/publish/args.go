@@ -48,6 +48,13 @@ type config struct {
 	sub string
 
 	envHost string // VIRTBUS_HOST
+	// findHost: neither -host nor VIRTBUS_HOST named the host, so one
+	// command's host is looked up in VIRTBUS_VMS (see findhost.go), and
+	// host, this machine's, is only the fallback.
+	findHost bool
+	// stateDenied is signalled by run's error handler when the server
+	// refuses that lookup.
+	stateDenied chan struct{}
 	// checkStream, when set, is asked before a command goes out whether
 	// a stream will take its subject (see jscheck.go).
 	checkStream func(ctx context.Context, subject string) error
@@ -58,6 +65,7 @@ const usageHead = `Usage: publish [flags] ACTION VM [key=value ...]
        publish [flags] list               the host's domains and their state
        publish [flags] watch [VM]         state changes and completions, until Ctrl-C
        publish [flags] get ID             the recorded completion of command ID
+       publish [flags] hosts              the live hosts: their workers' state and load
 
 Sends one command to virtbus.cmd.<host>.<VM>.<ACTION> and, unless -wait=false,
 waits for its completion. JetStream is the default: the command is acked by the
@@ -73,6 +81,11 @@ error, not a silent drop.
              (timeout=90s, mode=force, target=vdb). Use -params '{...}' for
              anything else; it cannot be combined with key=value.
 
+Without -host and VIRTBUS_HOST, the VM's host is looked up in KV bucket
+VIRTBUS_VMS (stderr says which); a VM on several hosts, or on none, is refused.
+When the bucket cannot be read, the host is this machine's hostname (load mode:
+always).
+
 Load mode (-count N): N commands of ACTION, round-robin over -vms (or the one
 VM argument), at most -concurrency outstanding, each waiting up to -timeout;
 prints sent, ok, errors by code, timeouts, wall time, throughput and latency
@@ -85,6 +98,9 @@ For people (list, watch and get are publish's own, never sent as actions):
              they come, one line each (-json: each message's JSON); no VM: all
   get        the completion recorded for command id ID in VIRTBUS_DONE, printed
              as when publish waits (-json: as recorded); what to ask after exit 3
+  hosts      every worker that answers $SRV.STATS.virtbus within -timeout
+             (default 1s): HOST, ROLE, VERSION, QUEUE, IN-FLIGHT, LIBVIRT,
+             DOMAINS, UP (-json: a JSON array)
   -host, -json, -timeout (bounds the reads of list and get, and watch's
   subscribing) and the connection flags apply to them; those of sending do not.
 
@@ -115,6 +131,7 @@ Examples:
   publish -user tenant-a -inbox-prefix _INBOX_tenant-a start web-1
   publish -count 1000 -vms web-1,web-2,web-3 -concurrency 32 start
   publish -host hv2 list
+  publish hosts
   publish watch web-1
   publish get 2xLhV1mYr0VnJ3hQd8sK4c
 
@@ -153,6 +170,9 @@ func parseArgs(args []string, getenv func(string) string, stderr io.Writer) (*co
 	}
 	if !flagSet(fs, "timeout") {
 		c.timeout = defaultWait(c.action, c.params)
+	}
+	if c.findHost = c.findHost && c.count == 0; c.findHost {
+		c.stateDenied = make(chan struct{}, 1)
 	}
 	if c.count == 0 && c.id == "" {
 		c.id = nuid.Next()
@@ -301,6 +321,7 @@ func (c *config) fillHost(getenv func(string) string) error {
 			return fmt.Errorf("no -host and no VIRTBUS_HOST, and the hostname is unknown: %w", err)
 		}
 		c.host = bus.HostToken(h)
+		c.findHost = true
 	}
 	return nil
 }
@@ -503,7 +524,7 @@ var sendFlags = []string{"wait", "id", "expires", "core", "params", "count", "vm
 var subcommands = map[string]struct {
 	max      int
 	synopsis string
-}{"list": {0, "list"}, "watch": {1, "watch [VM]"}, "get": {1, "get ID"}}
+}{"list": {0, "list"}, "watch": {1, "watch [VM]"}, "get": {1, "get ID"}, "hosts": {0, "hosts"}}
 
 // readSubcommand reads the arguments of subcommand pos[0]. Its
 // VM and ID go into a subject and a KV key, so they are bounded here as
@@ -528,6 +549,8 @@ func (c *config) readSubcommand(fs *flag.FlagSet, raw *rawFlags, pos []string) e
 		return usageErrorf("%s: unexpected argument %s", a.synopsis, quoteArg(args[a.max]))
 	}
 	switch {
+	case sub == "hosts" && !flagSet(fs, "timeout"):
+		c.timeout = hostsWindow
 	case sub == "watch" && len(args) == 1:
 		if !bus.ValidToken(args[0]) {
 			return usageErrorf("vm %s is not a subject token (%s): watch it by its UUID", quoteArg(args[0]), tokenRule)

@@ -51,6 +51,7 @@ func TestDeployNATSServerConf(t *testing.T) {
 		t.Run("rules", func(t *testing.T) { testDeployRules(t, url) })
 		t.Run("consumer filter in the body", func(t *testing.T) { testDeployConsumerFilter(t, url) })
 		t.Run("reply injections", func(t *testing.T) { testDeployReplyInjections(t, url) })
+		t.Run("discovery", func(t *testing.T) { testDeployDiscovery(t, url, w) })
 		w.noViolations(t, url)
 		t.Run("reply to the default inbox", func(t *testing.T) { testDeployDefaultInbox(t, url, w) })
 	})
@@ -217,6 +218,26 @@ func testDeployRules(t *testing.T, url string) {
 
 		// Only admin reads the default inbox.
 		{"admin", "sub", "_INBOX.>", allow},
+
+		// Discovery: the worker hears the micro requests to all services,
+		// to virtbus and to its instance, and its own status endpoint; it
+		// asks no other service and answers only to a request's reply
+		// (allow_responses), as the "discovery" test shows. Tenants may
+		// ask nothing, so they cannot aim a worker's answer.
+		{"hv1", "sub", "$SRV.PING", allow},
+		{"hv1", "sub", "$SRV.PING.virtbus", allow},
+		{"hv1", "sub", "$SRV.INFO.virtbus.x", allow},
+		{"hv1", "sub", "$SRV.STATS.virtbus.x", allow},
+		{"hv1", "sub", "virtbus.hosts.hv1.status", allow},
+		{"hv1", "sub", "virtbus.hosts.hv2.status", deny},
+		{"hv1", "sub", "$SRV.PING.other", deny},
+		{"hv1", "sub", "$SRV.>", deny},
+		{"hv1", "pub", "$SRV.PING.virtbus", deny},
+		{"hv1", "pub", "virtbus.hosts.hv2.status", deny},
+		{"tenant-a", "pub", "$SRV.STATS.virtbus", deny},
+		{"tenant-a", "pub", "$SRV.PING", deny},
+		{"tenant-a", "pub", "virtbus.hosts.hv1.status", deny},
+		{"tenant-a", "sub", "$SRV.PING.virtbus", deny},
 	}
 	for _, r := range rules {
 		checkRule(t, url, r)
@@ -617,4 +638,54 @@ func connectAs(t *testing.T, url, user string) *nats.Conn {
 	}
 	t.Cleanup(nc.Close)
 	return nc
+}
+
+// testDeployDiscovery registers the worker's discovery service as hv1 and
+// asks for it as admin, the way the nats CLI and `publish hosts` do: the
+// answers reach admin's "_INBOX." through allow_responses alone. A
+// tenant may not ask.
+func testDeployDiscovery(t *testing.T, url string, w *deployWorker) {
+	svc, err := bus.AddService(w.nc, "hv1", "v1.2.3", func() bus.HostStatus { return bus.HostStatus{Host: "hv1", Role: bus.RoleActive} })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = svc.Stop() }()
+	admin := connectAs(t, url, "admin")
+	if err := admin.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	w.settle(t, url) // the worker's subscriptions are in place once its connection did a round trip
+	if err := w.nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	for _, subject := range []string{"$SRV.PING.virtbus", bus.StatusSubject("hv1")} {
+		m, err := admin.Request(subject, nil, 5*time.Second)
+		if err != nil {
+			t.Fatalf("admin asks %s: %v", subject, err)
+		}
+		if !strings.Contains(string(m.Data), `"hv1"`) {
+			t.Errorf("%s answered %s, want hv1 in it", subject, m.Data)
+		}
+	}
+	reports, err := bus.DiscoverHosts(t.Context(), admin, 2*time.Second)
+	if err != nil || len(reports) != 1 || reports[0].Host != "hv1" {
+		t.Errorf("admin discovers %+v (%v), want hv1 alone", reports, err)
+	}
+
+	env := envFunc(map[string]string{"VIRTBUS_NATS_URL": url, "VIRTBUS_NATS_USER": "tenant-a",
+		"VIRTBUS_NATS_PASSWORD": "change-me-tenant-a", "VIRTBUS_NATS_INBOX_PREFIX": inboxPrefix("tenant-a")})
+	var stdout, stderr strings.Builder
+	if code := exitCode(run(t.Context(), []string{"hosts"}, env, &stdout, &stderr), &stderr); code != exitFailed || !strings.Contains(stderr.String(), "Permissions Violation") {
+		t.Errorf("tenant-a's publish hosts: exit %d, stderr %s; want 1 and the refusal", code, stderr.String())
+	}
+	// Without -host and VIRTBUS_HOST a tenant, who may not read
+	// VIRTBUS_VMS, is told so and falls back to this machine's host id,
+	// where it may command nothing here.
+	stdout.Reset()
+	stderr.Reset()
+	code := exitCode(run(t.Context(), []string{"-timeout", "30s", "stop", "web-1"}, env, &stdout, &stderr), &stderr)
+	if code != exitFailed || !strings.Contains(stderr.String(), "cannot be read") || !strings.Contains(stderr.String(), "Permissions Violation") {
+		t.Errorf("tenant-a's publish stop web-1 without a host: exit %d, stderr %s; want 1, the fallback and the refusal", code, stderr.String())
+	}
+	w.noViolations(t, url)
 }

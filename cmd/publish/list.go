@@ -47,11 +47,16 @@ func runList(ctx context.Context, nc *nats.Conn, c *config, stdout, stderr io.Wr
 	return printStates(stdout, states, time.Now())
 }
 
-// readStates returns the states of host's domains, sorted by name. One
-// pass of a KV watch reads every value at once, where listing the keys
-// would cost a request per key. The filter is "<host>.>" rather than
-// "<host>.*" so that a domain whose name holds a dot is not left out.
+// readStates returns the states of host's domains (every host's when host
+// is empty), sorted by name. One pass of a KV watch reads every value at
+// once, where listing the keys would cost a request per key. The filter is
+// "<host>.>" rather than "<host>.*" so that a domain whose name holds a
+// dot is not left out.
 func readStates(ctx context.Context, nc *nats.Conn, host string, stderr io.Writer) ([]bus.DomainState, error) {
+	filter := ">"
+	if host != "" {
+		filter = host + ".>"
+	}
 	js, err := jetstream.New(nc)
 	if err != nil {
 		return nil, err
@@ -63,7 +68,7 @@ func readStates(ctx context.Context, nc *nats.Conn, host string, stderr io.Write
 	if err != nil {
 		return nil, err
 	}
-	w, err := kv.Watch(ctx, host+".>", jetstream.IgnoreDeletes())
+	w, err := kv.Watch(ctx, filter, jetstream.IgnoreDeletes())
 	if err != nil {
 		return nil, err
 	}
@@ -84,7 +89,7 @@ func readStates(ctx context.Context, nc *nats.Conn, host string, stderr io.Write
 				fmt.Fprintf(stderr, "publish: key %s is not a domain state, left out: %v\n", oneLine(e.Key()), err)
 				continue
 			}
-			if s.VM == "" {
+			if s.VM == "" && host != "" {
 				s.VM = strings.TrimPrefix(e.Key(), host+".")
 			}
 			states = append(states, s)

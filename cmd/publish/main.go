@@ -108,7 +108,14 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return err
 	}
 
+	if cfg.findHost && cfg.sub == "" {
+		if err := findHost(ctx, nc, cfg, stderr); err != nil {
+			return err
+		}
+	}
 	switch {
+	case cfg.sub == "hosts":
+		return runHosts(ctx, nc, cfg, stdout)
 	case cfg.sub == "list":
 		return runList(ctx, nc, cfg, stdout, stderr)
 	case cfg.sub == "watch":
@@ -129,6 +136,11 @@ func watchErrors(nc *nats.Conn, cfg *config, cancel context.CancelCauseFunc, log
 	lookupDenied := make(chan struct{}, 1)
 	nc.SetErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
 		switch {
+		case errors.Is(err, nats.ErrPermissionViolation) && cfg.stateDenied != nil && strings.Contains(err.Error(), "KV_"+bus.StateBucket):
+			select {
+			case cfg.stateDenied <- struct{}{}:
+			default:
+			}
 		case errors.Is(err, nats.ErrPermissionViolation) && strings.Contains(err.Error(), apiStreamNames):
 			select {
 			case lookupDenied <- struct{}{}:

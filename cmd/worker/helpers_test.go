@@ -354,11 +354,16 @@ type pubResult struct {
 	stderr string
 }
 
-// publish runs the publish binary with -json against the worker for host,
-// waiting for the completion unless args say otherwise.
+// publish runs the publish binary with -json against the worker for host
+// (none: publish finds it), waiting for the completion unless args say
+// otherwise.
 func publish(t *testing.T, url, host string, args ...string) pubResult {
 	t.Helper()
-	full := append([]string{"-url", url, "-host", host, "-json", "-timeout", "90s"}, args...)
+	full := []string{"-url", url, "-json", "-timeout", "90s"}
+	if host != "" {
+		full = append(full, "-host", host)
+	}
+	full = append(full, args...)
 	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, binary(t, "publish"), full...)

@@ -123,9 +123,14 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	defer notifySystemd(ctx, newNotifier(getenv, log), serviceState(readiness(w, conn), w.Standby))()
 
 	fmt.Fprintf(stdout, "virtbus worker %s: commands on %s, delivery %s\n", cfg.Host, bus.CommandSubject(cfg.Host, "*", "*"), cfg.Delivery)
+	// Discovery (`publish hosts`, `nats micro ls virtbus`) from when the
+	// worker is ready or standing by until shutdown begins.
+	stopDiscovery := serveDiscovery(ctx, nc, w, cfg.Host, conn, watcher, log)
 	// Run returns once ctx has ended, the running commands are finished and
 	// what was still queued is handed back.
-	if err := w.Run(ctx); err != nil {
+	err = w.Run(ctx)
+	stopDiscovery()
+	if err != nil {
 		return err
 	}
 	// The naks of the drain are fire-and-forget: push them out before the

@@ -52,6 +52,19 @@ var readmeExamples = map[string]readmeExample{
 	"nats kv get": {want: []string{
 		`^\{"host":"hv1","vm":"web-1","uuid":"[0-9a-f-]{36}","state":"(running|shutoff)",.*"at":"[^"]+"\}$`,
 	}},
+	// The JetStream worker's instance of the micro service.
+	"nats micro ls": {want: []string{`│ virtbus +│ [^│]+│ [A-Za-z0-9]+ +│ virtbus worker of host hv1 +│`}},
+	"nats micro info": {want: []string{
+		`Metadata: +host: hv1$`,
+		`Subject: virtbus\.hosts\.hv1\.status$`,
+	}},
+	"nats micro stats": {want: []string{`"host": "hv1",$`, `"role": "active",$`, `"libvirt_up": true,$`}},
+	"nats req '$SRV.PING.virtbus'": {want: []string{
+		`^\{"name":"virtbus",.*"metadata":\{"host":"hv1".*"type":"io\.nats\.micro\.v1\.ping_response"\}$`,
+	}},
+	"nats req virtbus.hosts.hv1.status": {want: []string{
+		`^\{"host":"hv1",.*"role":"active",.*"libvirt_up":true,"domains":[0-9]+\}$`,
+	}},
 	"nats kv watch": {long: true, want: []string{
 		`PUT VIRTBUS_VMS > hv1\.web-1: \{"host":"hv1","vm":"web-1","uuid":"[0-9a-f-]{36}","state":"running"`,
 		`PUT VIRTBUS_VMS > hv1\.web-1: \{"host":"hv1","vm":"web-1","uuid":"[0-9a-f-]{36}","state":"shutoff"`,
