@@ -1,6 +1,11 @@
 package vm
 
-import "fmt"
+import (
+	"fmt"
+	"time"
+
+	"github.com/digitalocean/go-libvirt"
+)
 
 // IntentURI is the namespace of the reboot intent in a domain's metadata,
 // for tests that look at it through libvirt.
@@ -26,3 +31,16 @@ func SetView(e *Executor, v DomainView) { e.cfg.View = v }
 
 // EventPoll is how long a wait hears only events before it asks libvirtd.
 const EventPoll = eventPoll
+
+// ResyncEvery makes w read every domain again every d; call before Run.
+func ResyncEvery(w *Watcher, d time.Duration) { w.resyncEvery = d }
+
+// Misremember puts a wrong state for the domain with UUID u into w's
+// view, as a lost event would leave it.
+func Misremember(w *Watcher, u libvirt.UUID, state string) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	d := w.view[u]
+	d.State = state
+	w.view[u] = d
+}

@@ -28,6 +28,14 @@ const (
 // gather before it reads the domains they name.
 const burstWait = 100 * time.Millisecond
 
+// resyncEvery is how often the watcher reads every domain again while its
+// subscription lives. libvirt sends events without a promise (a read
+// that fails, or one made while a domain is half way through a change,
+// may leave the view behind with no event to come): this bounds how long
+// the view, and the bucket fed from it, can stay wrong. A resync that
+// finds nothing changed says nothing.
+const resyncEvery = 30 * time.Second
+
 // DomainInfo is a domain as the watcher last saw it.
 type DomainInfo struct {
 	Name   string
@@ -63,6 +71,8 @@ type Watcher struct {
 	// holds beyond it is gone.
 	OnResync func(all []DomainInfo)
 
+	resyncEvery time.Duration // resyncEvery, unless a test wants it sooner
+
 	mu   sync.Mutex
 	view map[libvirt.UUID]DomainInfo
 	// heard is what the events since a domain's last read told of its
@@ -82,12 +92,13 @@ type Watcher struct {
 // NewWatcher returns a watcher of conn's libvirtd; Run starts it.
 func NewWatcher(conn *Conn, log *slog.Logger) *Watcher {
 	return &Watcher{
-		conn:    conn,
-		log:     log,
-		view:    map[libvirt.UUID]DomainInfo{},
-		heard:   map[libvirt.UUID]heardState{},
-		defined: map[libvirt.UUID]uint64{},
-		waiters: map[libvirt.UUID]map[*Awaiting]struct{}{},
+		conn:        conn,
+		log:         log,
+		resyncEvery: resyncEvery,
+		view:        map[libvirt.UUID]DomainInfo{},
+		heard:       map[libvirt.UUID]heardState{},
+		defined:     map[libvirt.UUID]uint64{},
+		waiters:     map[libvirt.UUID]map[*Awaiting]struct{}{},
 	}
 }
 
@@ -198,9 +209,11 @@ func (w *Watcher) watch(ctx context.Context, s *session) error {
 	}()
 	defer func() { cancel(); <-pumped }()
 
-	if err := w.resync(s); err != nil {
+	if err := w.resync(s, true); err != nil {
 		return err
 	}
+	again := time.NewTicker(w.resyncEvery)
+	defer again.Stop()
 	for {
 		select {
 		case <-ctx.Done():
@@ -209,6 +222,10 @@ func (w *Watcher) watch(ctx context.Context, s *session) error {
 			return errWatchEnded
 		case <-pumped:
 			return errWatchEnded
+		case <-again.C:
+			if err := w.resync(s, false); err != nil {
+				return err
+			}
 		case <-q.ready:
 			// One operation sends a burst (a start: resumed, then
 			// started; a destroy: shutdown, then stopped): let it arrive,
@@ -226,8 +243,10 @@ func (w *Watcher) watch(ctx context.Context, s *session) error {
 }
 
 // resync reads every domain on s, makes that the view and reports what
-// differs from the view before.
-func (w *Watcher) resync(s *session) error {
+// differs from the view before. OnResync hears of the whole view after
+// the first resync of a subscription (first), and after any that found a
+// difference.
+func (w *Watcher) resync(s *session, first bool) error {
 	mark := w.mark()
 	var doms []libvirt.Domain
 	err := w.conn.run(s, "list domains", func(l *libvirt.Libvirt) (err error) {
@@ -253,23 +272,30 @@ func (w *Watcher) resync(s *session) error {
 		}
 	}
 	w.mu.Lock()
-	old := w.view
+	var differ []DomainInfo
+	for u, d := range w.view {
+		if now, ok := view[u]; !ok || now.Name != d.Name {
+			differ = append(differ, DomainInfo{Name: d.Name, UUID: d.UUID, State: StateUndefined})
+		}
+	}
+	for u, d := range view {
+		if w.view[u] != d {
+			differ = append(differ, d)
+		}
+	}
 	w.view = view
 	for u := range w.heard {
 		w.forget(u, mark)
 	}
 	w.mu.Unlock()
-	for u, d := range old {
-		if now, ok := view[u]; !ok || now.Name != d.Name {
-			w.report(DomainInfo{Name: d.Name, UUID: d.UUID, State: StateUndefined}, EventResync)
-		}
+	for _, d := range differ {
+		w.report(d, EventResync)
 	}
-	for u, d := range view {
-		if old[u] != d {
-			w.report(d, EventResync)
-		}
+	changed := len(differ) > 0
+	if !changed && !first {
+		return nil
 	}
-	w.log.Info("libvirt domains read", "domains", len(view))
+	w.log.Info("libvirt domains read", "domains", len(view), "changed", changed)
 	if w.OnResync != nil {
 		w.OnResync(w.Domains())
 	}

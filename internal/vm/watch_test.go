@@ -44,8 +44,15 @@ func (c change) String() string {
 // for its first resync.
 func watch(t *testing.T, h harness) (*vm.Watcher, *recorder) {
 	t.Helper()
+	return watchWith(t, h, func(*vm.Watcher) {})
+}
+
+// watchWith is watch with setup run on the watcher before it starts.
+func watchWith(t *testing.T, h harness, setup func(*vm.Watcher)) (*vm.Watcher, *recorder) {
+	t.Helper()
 	rec := &recorder{}
 	w := vm.NewWatcher(h.conn, testLog())
+	setup(w)
 	w.OnChange = func(d vm.DomainInfo, event string) {
 		rec.mu.Lock()
 		defer rec.mu.Unlock()
@@ -285,4 +292,33 @@ func TestReasonAndEventNames(t *testing.T) {
 			t.Errorf("EventName(%d) = %q, want %q", ev, got, want)
 		}
 	}
+}
+
+// A view left wrong with no event to come (an event libvirt never sent, a
+// read made half way through a change) is put right by the next periodic
+// resync, which reports the difference; one that finds nothing changed
+// says nothing.
+func TestWatcherResyncsPeriodically(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t)
+	dom := h.lv.Domain("resync", testbed.DomainOptions{})
+	w, rec := watchWith(t, h, func(w *vm.Watcher) { vm.ResyncEvery(w, 300*time.Millisecond) })
+	wantView(t, w, dom, "shutoff", "unknown")
+	rec.mu.Lock()
+	resyncs, changes := rec.resyncs, len(rec.of(dom.Name))
+	rec.mu.Unlock()
+	// Three periodic resyncs that find this domain as the view has it (the
+	// daemon is shared: other tests' domains may change meanwhile).
+	time.Sleep(time.Second)
+	rec.mu.Lock()
+	still := len(rec.of(dom.Name))
+	rec.mu.Unlock()
+	if still != changes {
+		t.Errorf("resyncs that found %s unchanged reported %d changes of it", dom.Name, still-changes)
+	}
+
+	vm.Misremember(w, dom.UUID, "running")
+	rec.next(t, dom.Name, "shutoff again, from a resync", is("shutoff", "unknown", vm.EventResync))
+	wantView(t, w, dom, "shutoff", "unknown")
+	rec.waitResyncs(t, resyncs+1)
 }
