@@ -31,7 +31,6 @@ func (b *Bench) Run() ([]*Row, error) {
 	s, one, all := b.S, b.names[:1], b.names
 	test1 := workerOptions{uri: testdriver.URI, concurrency: 1}
 	test8 := workerOptions{uri: testdriver.URI, concurrency: 8}
-
 	serial := measure(func() (*Row, error) { return b.baselineRow("go-libvirt serial", b.tdConn, one, s.Serial, startStop) })
 	parallel := measure(func() (*Row, error) {
 		return b.baselineRow("go-libvirt parallel", b.tdConn, all, s.Parallel, startStop)

@@ -2,8 +2,10 @@ package bus
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"runtime/debug"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -21,17 +23,18 @@ type answering struct {
 	put       jetstream.PubAckFuture
 	putErr    error
 	release   func() // lets the VM's next command start; nil: nothing waits
+	conn      uint64 // the connection's reconnect count when the completion went out
+	done      bool   // answered, or handed back
 }
 
 // answerer records, publishes and acks completions in the order their
 // outcomes came, off the runners: a runner takes the next command as soon
-// as the last one's outcome is known. That VM's next command waits only
-// for the record (the queue holds the VM busy until then), so other VMs'
-// commands fill the time a record takes. Record writes are sent as soon as
-// an answer arrives and confirmed in order, so many are in flight at once;
-// a completion is published only after its record is confirmed, and the
-// ack follows it on the same connection, so the server sees them in that
-// order whatever happens to the connection.
+// as the last one's outcome is known. That VM's next command waits until
+// this one is answered (the queue holds the VM busy until then), so other
+// VMs' commands fill the time an answer takes. Record writes are sent as
+// soon as an answer arrives and confirmed in order, so many are in flight
+// at once; a completion is published only after its record is confirmed,
+// and the acks of a batch go out together, each confirmed by the server.
 type answerer struct {
 	w    *Worker
 	room chan struct{}   // a token per answer on its way
@@ -49,12 +52,26 @@ func newAnswerer(w *Worker) *answerer {
 }
 
 // run answers until close has been called and everything handed in was
-// answered or handed back. ctx is the worker's: once it ends, a write that
-// fails is not tried again, and its command is handed back instead.
+// answered or handed back, in batches of what has come meanwhile. ctx is
+// the worker's: once it ends, a write that fails is not tried again, and
+// its command is handed back instead.
 func (a *answerer) run(ctx context.Context) {
 	defer close(a.done)
 	for an := range a.in {
-		a.answer(ctx, an)
+		batch := []*answering{an}
+	more:
+		for len(batch) < cap(a.in) {
+			select {
+			case next, ok := <-a.in:
+				if !ok {
+					break more
+				}
+				batch = append(batch, next)
+			default:
+				break more
+			}
+		}
+		a.answerBatch(ctx, batch)
 	}
 }
 
@@ -79,43 +96,116 @@ func (a *answerer) close() {
 	<-a.done
 }
 
-// answer confirms the record, then publishes and acks. A panic here hands
-// the command back: its redelivery is answered from the record, if any.
-func (a *answerer) answer(ctx context.Context, an *answering) {
+// answerBatch answers a batch: each one's record confirmed and its
+// completion published, in order, then all their acks at once, each
+// confirmed by the server. Only then may each VM's next command start: a
+// VM's completions so reach the bus in the order its commands ran, also
+// when the connection breaks between a completion and the next command. A
+// panic past publishing hands back what was not acked: its redelivery is
+// answered from the record.
+func (a *answerer) answerBatch(ctx context.Context, batch []*answering) {
 	w := a.w
 	defer func() {
-		<-a.room
-		if r := recover(); r != nil {
-			w.log.Error("panic answering a command; handing it back", "id", an.j.cmd.ID,
-				"panic", Clip(fmt.Sprint(r), 256), "stack", string(debug.Stack()))
-			w.handBack(an.j)
+		r := recover()
+		if r != nil {
+			w.log.Error("panic answering commands; handing back the unanswered", "panic", Clip(fmt.Sprint(r), 256), "stack", string(debug.Stack()))
+		}
+		for _, an := range batch {
+			if r != nil && !an.done {
+				w.handBack(an.j)
+			}
+			if an.release != nil {
+				an.release()
+			}
+			<-a.room
 		}
 	}()
-	if an.release != nil {
-		defer an.release() // also after a panic
+	var sent []*answering
+	for _, an := range batch {
+		if a.publishGuarded(ctx, an) {
+			sent = append(sent, an)
+		} else {
+			an.done = true
+		}
 	}
-	if an.data == nil {
-		w.log.Error("completion not encodable; handing back", "id", an.j.cmd.ID, "err", an.putErr)
-		w.handBack(an.j)
-		return
+	var acks sync.WaitGroup
+	for _, an := range sent {
+		acks.Go(func() { w.ack(ctx, an) })
 	}
-	recorded := !an.record || w.confirmRecord(ctx, an)
-	if an.release != nil {
-		// The VM's next command may start: this one is recorded, or it is
-		// handed back below, which happens only at shutdown, when nothing
-		// starts anymore.
-		an.release()
-	}
-	if !recorded {
-		w.log.Warn("completion not recorded at shutdown; handing back", "id", an.j.cmd.ID)
-		w.handBack(an.j)
-		return
-	}
-	if an.record && w.crashAfterRecord != nil && w.crashAfterRecord(an.j.cmd) {
+	acks.Wait()
+	for _, an := range sent {
 		w.held.remove(an.j)
-		return
+		w.report(an.c, an.duplicate)
+		an.done = true
 	}
-	w.finish(ctx, an.j, an.c, an.data, an.duplicate)
+}
+
+// publishGuarded is publish, with a panic handing the one command back
+// (its redelivery is answered from the record, if any) while the rest of
+// the batch goes on.
+func (a *answerer) publishGuarded(ctx context.Context, an *answering) (ok bool) {
+	defer func() {
+		if r := recover(); r != nil {
+			a.w.log.Error("panic answering a command; handing it back", "id", an.j.cmd.ID,
+				"panic", Clip(fmt.Sprint(r), 256), "stack", string(debug.Stack()))
+			a.w.handBack(an.j)
+			ok = false
+		}
+	}()
+	return a.publish(ctx, an)
+}
+
+// publish confirms an's record and publishes its completion; false when
+// it handed the command back instead (at shutdown), or a test stopped it.
+func (a *answerer) publish(ctx context.Context, an *answering) bool {
+	w := a.w
+	switch {
+	case an.data == nil:
+		w.log.Error("completion not encodable; handing back", "id", an.j.cmd.ID, "err", an.putErr)
+	case an.record && !w.confirmRecord(ctx, an):
+		w.log.Warn("completion not recorded at shutdown; handing back", "id", an.j.cmd.ID)
+	case an.record && w.crashAfterRecord != nil && w.crashAfterRecord(an.j.cmd):
+		w.held.remove(an.j)
+		return false
+	default:
+		an.conn = w.nc.Stats().Reconnects
+		err := w.send(ctx, an.c, an.data, an.j.cmd.Reply)
+		if err == nil {
+			return true
+		}
+		w.log.Warn("completion not published at shutdown; handing back", "id", an.j.cmd.ID, "err", err)
+	}
+	w.handBack(an.j)
+	return false
+}
+
+// ack acks an's command and waits for the server to confirm it. When the
+// connection broke since the completion went out, the completion may have
+// gone with it: it is sent again first, so that it stays ahead of the ack
+// and of the VM's next command. An ack that never goes through is not
+// fatal: the redelivery is answered from the record.
+func (w *Worker) ack(ctx context.Context, an *answering) {
+	var err error
+	for range ackTries {
+		if err = waitConnected(ctx, w.nc); err != nil {
+			break // shutdown while disconnected
+		}
+		if n := w.nc.Stats().Reconnects; n != an.conn {
+			an.conn = n
+			if err = w.send(ctx, an.c, an.data, an.j.cmd.Reply); err != nil {
+				break
+			}
+		}
+		actx, cancel := context.WithTimeout(handlerContext(ctx), publishTimeout)
+		err = an.j.msg().DoubleAck(actx)
+		cancel()
+		if err == nil || errors.Is(err, jetstream.ErrMsgAlreadyAckd) {
+			return
+		}
+		w.log.Debug("ack failed", "id", an.j.cmd.ID, "err", err)
+		sleep(ctx, 100*time.Millisecond)
+	}
+	w.log.Warn("ack not confirmed; a redelivery is answered from the record", "id", an.j.cmd.ID, "err", err)
 }
 
 // confirmRecord waits for the server to confirm the record write sent

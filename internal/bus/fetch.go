@@ -42,7 +42,7 @@ func (w *Worker) fetchLoop(ctx context.Context) {
 		batch, err := (*cons).Fetch(room, jetstream.FetchMaxWait(w.fetchWait))
 		if err == nil {
 			for msg := range batch.Messages() {
-				w.accept(msg)
+				w.acceptUnlessReconnected(msg, reconnects)
 			}
 			err = batch.Error()
 		}
@@ -52,6 +52,21 @@ func (w *Worker) fetchLoop(ctx context.Context) {
 			sleep(ctx, time.Second)
 		}
 	}
+}
+
+// acceptUnlessReconnected accepts msg unless the connection was made
+// anew since the pull began. A pull outlives a reconnect (the consumer's
+// leader answers it on the new connection, in a cluster), but a message
+// it had sent on the old one may have been lost with it: taking the ones
+// after it would run a VM's later commands before that one. They are left
+// unacked instead, not held, and come back after the ack wait in stream
+// order, the lost one first (see keepSetUp's wait after a reconnect).
+func (w *Worker) acceptUnlessReconnected(msg jetstream.Msg, reconnects uint64) {
+	if w.nc.Stats().Reconnects != reconnects {
+		w.log.Debug("message of a pull from before a reconnect left for redelivery", "subject", Clip(msg.Subject(), 256))
+		return
+	}
+	w.accept(msg)
 }
 
 // accept queues one fetched message. The fetch asked for no more than the

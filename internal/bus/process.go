@@ -2,18 +2,15 @@ package bus
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"time"
-
-	"github.com/nats-io/nats.go/jetstream"
 )
 
 // processJS decides one command's completion: from its record when it
 // was answered before, else by running it. The answerer then records it,
 // publishes it and only then acks the message. The runner is free as soon
 // as the completion is decided; the VM's next command waits for the
-// record.
+// answer.
 func (w *Worker) processJS(ctx context.Context, j *job) {
 	cmd := j.cmd
 	w.m.queueWait.WithLabelValues(w.m.action(cmd.Action)).Observe(time.Since(cmd.ReceivedAt).Seconds())
@@ -37,10 +34,11 @@ func (w *Worker) processJS(ctx context.Context, j *job) {
 			w.handBack(j)
 			return
 		}
-		// The VM's next command waits for this one's record, not for the
-		// rest of its answer: a crash then leaves at most the last command
-		// of a VM run but unrecorded, and a redelivery runs only that one
-		// again, never an earlier one over a later one's effect.
+		// The VM's next command waits until this one is answered (see
+		// answerBatch): a crash then leaves at most the last command of a
+		// VM run but unrecorded, a redelivery runs only that one again,
+		// never an earlier one over a later one's effect, and the VM's
+		// completions reach the bus in order.
 		w.answers.add(&answering{j: j, c: c, record: true, release: w.q.Hold(j.key)})
 	}
 }
@@ -103,29 +101,6 @@ func (w *Worker) runWithRetries(ctx context.Context, cmd Command) (Completion, b
 			return c, false
 		}
 		cmd.Attempt++
-	}
-}
-
-// finish publishes a completion (encoded as data), then acks its command
-// and reports it.
-func (w *Worker) finish(ctx context.Context, j *job, c Completion, data []byte, duplicate bool) {
-	if err := w.send(ctx, c, data, j.cmd.Reply); err != nil {
-		w.log.Warn("completion not published at shutdown; handing back", "id", j.cmd.ID, "err", err)
-		w.handBack(j)
-		return
-	}
-	w.ack(j)
-	w.held.remove(j)
-	w.report(c, duplicate)
-}
-
-// ack acks after the completion went out on the same connection, so the
-// server sees the completion first. It does not wait for the server: an
-// ack that is lost (the connection broke) only brings a redelivery, which
-// is answered from the record.
-func (w *Worker) ack(j *job) {
-	if err := j.msg().Ack(); err != nil && !errors.Is(err, jetstream.ErrMsgAlreadyAckd) {
-		w.log.Warn("ack failed; a redelivery is answered from the record", "id", j.cmd.ID, "err", err)
 	}
 }
 
