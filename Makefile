@@ -60,6 +60,16 @@ SEED ?=
 chaos: libvirt-up
 	VIRTBUS_CHAOS=$(CHAOS) VIRTBUS_CHAOS_SEED=$(SEED) $(GO) test -tags chaos -count=1 -v -timeout 60m ./internal/chaos -run TestChaos
 
+# Three hosts' workers on a three-node NATS cluster (embedded servers on
+# loopback), replicated stream and buckets, one node lost with its store and
+# the node a worker is on restarted mid-run; checks every command completes
+# once, in order per VM (cmd/worker TestCluster, build tag cluster; about a
+# minute). Not in `make test` yet: after the order fixes it found, it still
+# failed 2 of 13 runs, for a reason not found yet.
+.PHONY: cluster
+cluster: libvirt-up
+	CGO_ENABLED=1 $(GO) test -tags cluster -race -count=1 -v -timeout 10m -run '^TestCluster$$' ./cmd/worker
+
 # Checks deploy/ with the real tools: promtool (alert rules, their unit
 # tests in deploy/alerts_test.yml, the scrape config), nats-server -t,
 # systemd-analyze verify, and docker compose config where it exists. The
