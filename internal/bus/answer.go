@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"runtime/debug"
-	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -30,8 +29,8 @@ type answering struct {
 // answerer records, publishes and acks completions in the order their
 // outcomes came, off the runners: a runner takes the next command as soon
 // as the last one's outcome is known. That VM's next command waits until
-// this one is answered (the queue holds the VM busy until then), so other
-// VMs' commands fill the time an answer takes. Record writes are sent as
+// this one is recorded (the queue holds the VM busy until then), so other
+// VMs' commands fill the time a record takes. Record writes are sent as
 // soon as an answer arrives and confirmed in order, so many are in flight
 // at once; a completion is published only after its record is confirmed,
 // and the acks of a batch go out together, each confirmed by the server.
@@ -96,12 +95,11 @@ func (a *answerer) close() {
 	<-a.done
 }
 
-// answerBatch answers a batch: each one's record confirmed and its
-// completion published, in order, then all their acks at once, each
-// confirmed by the server. Only then may each VM's next command start: a
-// VM's completions so reach the bus in the order its commands ran, also
-// when the connection breaks between a completion and the next command. A
-// panic past publishing hands back what was not acked: its redelivery is
+// answerBatch answers a batch: each one's record confirmed (then the
+// VM's next command may run), its completion published and its message
+// acked, in order; then one confirmation that the server has them all
+// before the next batch publishes anything (see confirmSent). A panic past
+// publishing hands back what was not confirmed: its redelivery is
 // answered from the record.
 func (a *answerer) answerBatch(ctx context.Context, batch []*answering) {
 	w := a.w
@@ -128,11 +126,7 @@ func (a *answerer) answerBatch(ctx context.Context, batch []*answering) {
 			an.done = true
 		}
 	}
-	var acks sync.WaitGroup
-	for _, an := range sent {
-		acks.Go(func() { w.ack(ctx, an) })
-	}
-	acks.Wait()
+	w.confirmSent(ctx, sent)
 	for _, an := range sent {
 		w.held.remove(an.j)
 		w.report(an.c, an.duplicate)
@@ -168,9 +162,15 @@ func (a *answerer) publish(ctx context.Context, an *answering) bool {
 		w.held.remove(an.j)
 		return false
 	default:
+		if an.release != nil {
+			// Recorded: the VM's next command may run. Its completion
+			// still comes after this one's (see answerBatch).
+			an.release()
+		}
 		an.conn = w.nc.Stats().Reconnects
 		err := w.send(ctx, an.c, an.data, an.j.cmd.Reply)
 		if err == nil {
+			w.ack(an)
 			return true
 		}
 		w.log.Warn("completion not published at shutdown; handing back", "id", an.j.cmd.ID, "err", err)
@@ -179,33 +179,48 @@ func (a *answerer) publish(ctx context.Context, an *answering) bool {
 	return false
 }
 
-// ack acks an's command and waits for the server to confirm it. When the
-// connection broke since the completion went out, the completion may have
-// gone with it: it is sent again first, so that it stays ahead of the ack
-// and of the VM's next command. An ack that never goes through is not
-// fatal: the redelivery is answered from the record.
-func (w *Worker) ack(ctx context.Context, an *answering) {
+// ack acks an's command after its completion went out on the same
+// connection, so the server sees the completion first; confirmSent
+// confirms both.
+func (w *Worker) ack(an *answering) {
+	if err := an.j.msg().Ack(); err != nil && !errors.Is(err, jetstream.ErrMsgAlreadyAckd) {
+		w.log.Debug("ack failed", "id", an.j.cmd.ID, "err", err)
+	}
+}
+
+// confirmSent waits until the server has every completion and ack sent:
+// a flush, whose answer comes after all of them. Until then no later
+// completion goes out. When the connection broke since one went out, it
+// may have gone with it: the completion and the ack are sent again on the
+// new connection first, so a VM's completions still reach the bus in the
+// order its commands ran (a copy may arrive twice). What never gets
+// through is answered from the record on redelivery.
+func (w *Worker) confirmSent(ctx context.Context, sent []*answering) {
+	if len(sent) == 0 {
+		return
+	}
 	var err error
 	for range ackTries {
 		if err = waitConnected(ctx, w.nc); err != nil {
 			break // shutdown while disconnected
 		}
-		if n := w.nc.Stats().Reconnects; n != an.conn {
-			an.conn = n
-			if err = w.send(ctx, an.c, an.data, an.j.cmd.Reply); err != nil {
-				break
+		for _, an := range sent {
+			if n := w.nc.Stats().Reconnects; n != an.conn {
+				an.conn = n
+				if w.send(ctx, an.c, an.data, an.j.cmd.Reply) == nil {
+					w.ack(an)
+				}
 			}
 		}
-		actx, cancel := context.WithTimeout(handlerContext(ctx), publishTimeout)
-		err = an.j.msg().DoubleAck(actx)
-		cancel()
-		if err == nil || errors.Is(err, jetstream.ErrMsgAlreadyAckd) {
+		if err = w.nc.FlushTimeout(publishTimeout); err == nil {
 			return
 		}
-		w.log.Debug("ack failed", "id", an.j.cmd.ID, "err", err)
-		sleep(ctx, 100*time.Millisecond)
+		w.log.Debug("completions not confirmed yet", "count", len(sent), "err", err)
+		if sleep(ctx, 100*time.Millisecond); ctx.Err() != nil {
+			break
+		}
 	}
-	w.log.Warn("ack not confirmed; a redelivery is answered from the record", "id", an.j.cmd.ID, "err", err)
+	w.log.Warn("completions and acks not confirmed; a redelivery is answered from the record", "count", len(sent), "err", err)
 }
 
 // confirmRecord waits for the server to confirm the record write sent

@@ -30,9 +30,9 @@ const (
 	// verifyEvery is how often the fetch loop checks that the consumer and
 	// the record bucket still exist.
 	verifyEvery = 2 * time.Second
-	// ackTries bounds the confirmed acks of one message while connected:
-	// when they all fail, the command is answered again from its record on
-	// redelivery.
+	// ackTries bounds the tries to have a batch of completions and acks
+	// confirmed while connected: when they all fail, a command whose ack
+	// was lost is answered again from its record on redelivery.
 	ackTries = 5
 	// parkLimit is how many commands beyond their VM's share of the FIFO the
 	// worker holds (with concurrency above 1), so that it reads past one

@@ -10,7 +10,7 @@ import (
 // was answered before, else by running it. The answerer then records it,
 // publishes it and only then acks the message. The runner is free as soon
 // as the completion is decided; the VM's next command waits for the
-// answer.
+// record.
 func (w *Worker) processJS(ctx context.Context, j *job) {
 	cmd := j.cmd
 	w.m.queueWait.WithLabelValues(w.m.action(cmd.Action)).Observe(time.Since(cmd.ReceivedAt).Seconds())
@@ -34,11 +34,10 @@ func (w *Worker) processJS(ctx context.Context, j *job) {
 			w.handBack(j)
 			return
 		}
-		// The VM's next command waits until this one is answered (see
+		// The VM's next command waits until this one is recorded (see
 		// answerBatch): a crash then leaves at most the last command of a
-		// VM run but unrecorded, a redelivery runs only that one again,
-		// never an earlier one over a later one's effect, and the VM's
-		// completions reach the bus in order.
+		// VM run but unrecorded, and a redelivery runs only that one again,
+		// never an earlier one over a later one's effect.
 		w.answers.add(&answering{j: j, c: c, record: true, release: w.q.Hold(j.key)})
 	}
 }
