@@ -32,8 +32,9 @@ type answering struct {
 // this one is recorded (the queue holds the VM busy until then), so other
 // VMs' commands fill the time a record takes. Record writes are sent as
 // soon as an answer arrives and confirmed in order, so many are in flight
-// at once; a completion is published only after its record is confirmed,
-// and the acks of a batch go out together, each confirmed by the server.
+// at once; a completion is published only after its record is confirmed
+// and is followed by its ack, and the server confirms a batch of them
+// before the next batch goes out (see confirmSent).
 type answerer struct {
 	w    *Worker
 	room chan struct{}   // a token per answer on its way
