@@ -20,8 +20,10 @@ import (
 //     (an earlier error, a completion out of order, a reset), so its
 //     state may not be what the plan assumed;
 //   - a QEMU that died while a libvirtd restarted during the run started it
-//     (libvirt's words "process exited while connecting to monitor" or
-//     "domain is no longer running"): seen here about once in eight short
+//     (libvirt's words "process exited while connecting to monitor",
+//     "domain is no longer running", or "qemu unexpectedly closed the
+//     monitor", once with QEMU saying libvirtd itself sent it SIGTERM):
+//     seen here about once in eight short
 //     runs, each time a start right after a destroy of a domain that was
 //     running across the restart. The restarted libvirtd cannot read the
 //     domain's cgroup on this machine when it reconnects, and its log then
@@ -73,7 +75,8 @@ func (e *evidence) explain(s Step, c bus.Completion, offPlan []time.Time, timeou
 		return "test driver reset while it ran"
 	case s.VM.Kind == KindQEMU && c.Error.Code == bus.CodeLibvirt && restarted.Before(c.StartedAt) &&
 		(strings.Contains(c.Error.Message, "process exited while connecting to monitor") ||
-			strings.Contains(c.Error.Message, "domain is no longer running")):
+			strings.Contains(c.Error.Message, "domain is no longer running") ||
+			strings.Contains(c.Error.Message, "qemu unexpectedly closed the monitor")):
 		return "QEMU died while a restarted libvirtd started it"
 	}
 	for _, at := range offPlan {
