@@ -104,33 +104,7 @@ func waitFor(t *testing.T, what string, want []string, get func() []string) []st
 // two seconds.
 func answeringHosts(t *testing.T, nc *nats.Conn, subject, typ string) []string {
 	t.Helper()
-	inbox := nc.NewInbox()
-	sub, err := nc.SubscribeSync(inbox)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() { _ = sub.Unsubscribe() }()
-	if err := nc.PublishRequest(subject, inbox, nil); err != nil {
-		t.Fatal(err)
-	}
-	var hosts []string
-	for deadline := time.Now().Add(2 * time.Second); ; {
-		m, err := sub.NextMsg(time.Until(deadline))
-		if err != nil {
-			break
-		}
-		var a struct {
-			micro.ServiceIdentity
-			Type string `json:"type"`
-		}
-		if err := json.Unmarshal(m.Data, &a); err != nil || a.Type != typ || a.Name != bus.ServiceName {
-			t.Errorf("%s answered %s", subject, m.Data)
-			continue
-		}
-		hosts = append(hosts, a.Metadata["host"])
-	}
-	slices.Sort(hosts)
-	return hosts
+	return bustest.ServiceHosts(t, nc, subject, bus.ServiceName, typ, 2*time.Second)
 }
 
 // publishHosts runs `publish -json hosts`.

@@ -29,47 +29,11 @@ func serve(t *testing.T, nc *nats.Conn, w *runningWorker) micro.Service {
 	return svc
 }
 
-// answers gathers the replies to a request on subject that come within
-// discoveryWindow.
-func answers(t *testing.T, nc *nats.Conn, subject string) [][]byte {
-	t.Helper()
-	inbox := nc.NewInbox()
-	sub, err := nc.SubscribeSync(inbox)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() { _ = sub.Unsubscribe() }()
-	if err := nc.PublishRequest(subject, inbox, nil); err != nil {
-		t.Fatal(err)
-	}
-	var out [][]byte
-	for deadline := time.Now().Add(discoveryWindow); ; {
-		m, err := sub.NextMsg(time.Until(deadline))
-		if err != nil {
-			return out
-		}
-		out = append(out, m.Data)
-	}
-}
-
 // hostsAnswering is the sorted hosts in the metadata of the answers to
 // a PING or INFO request on subject.
 func hostsAnswering(t *testing.T, nc *nats.Conn, subject, wantType string) []string {
 	t.Helper()
-	var hosts []string
-	for _, b := range answers(t, nc, subject) {
-		var a struct {
-			micro.ServiceIdentity
-			Type string `json:"type"`
-		}
-		if err := json.Unmarshal(b, &a); err != nil || a.Type != wantType || a.Name != ServiceName {
-			t.Errorf("%s answered %s, want a %s of %s", subject, b, wantType, ServiceName)
-			continue
-		}
-		hosts = append(hosts, a.Metadata["host"])
-	}
-	slices.Sort(hosts)
-	return hosts
+	return bustest.ServiceHosts(t, nc, subject, ServiceName, wantType, discoveryWindow)
 }
 
 // discovered is the hosts and roles DiscoverHosts finds.
