@@ -71,6 +71,16 @@ chaos: libvirt-up
 cluster: libvirt-up
 	CGO_ENABLED=1 $(GO) test -tags cluster -race -count=1 -v -timeout 10m -run '^TestCluster$$' ./cmd/worker
 
+# Fleet simulation (internal/fleet TestFleet, build tag fleet): 50 worker
+# processes, each a host with 3 test-driver domains only it sees, on a
+# three-node NATS cluster with 3 replicas; a mixed load from 10 producers,
+# one node restarted halfway. Prints throughput and p50/p99 per host and
+# overall; fails on a lost, duplicated, reordered or misrouted command.
+# VIRTBUS_FLEET_HOSTS, _VMS, _COMMANDS, _PRODUCERS, _PACE, _DOWN resize it.
+.PHONY: fleet
+fleet: libvirt-up
+	CGO_ENABLED=0 $(GO) test -tags fleet -count=1 -v -timeout 30m -run '^TestFleet$$' ./internal/fleet
+
 # Checks deploy/ with the real tools: promtool (alert rules, their unit
 # tests in deploy/alerts_test.yml, the scrape config), nats-server -t,
 # systemd-analyze verify, and docker compose config where it exists. The

@@ -4,13 +4,8 @@ package main
 
 import (
 	"context"
-	"encoding/json"
-	"errors"
 	"fmt"
-	"reflect"
-	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -20,6 +15,7 @@ import (
 
 	"github.com/virtbus/virtbus/internal/bus"
 	"github.com/virtbus/virtbus/internal/bus/bustest"
+	"github.com/virtbus/virtbus/internal/fleet"
 	"github.com/virtbus/virtbus/internal/testbed"
 	"github.com/virtbus/virtbus/internal/testdriver"
 	"github.com/virtbus/virtbus/internal/vm"
@@ -40,39 +36,6 @@ const (
 	clusterPerPhase = 3
 	clusterPace     = 100 * time.Millisecond
 )
-
-// clusterVM is one domain of the cluster test and the commands sent to it.
-type clusterVM struct {
-	host string
-	name string
-	qemu *libvirt.Domain // nil for a test-driver domain
-	cmds []clusterCmd    // in publish order
-}
-
-// clusterCmd is one command and the state libvirt should report after it.
-type clusterCmd struct {
-	id, action, body, state string
-}
-
-// clusterMoves are the commands a VM may get in each state, each with the
-// state it leaves: all of them succeed, so every completion is ok.
-var clusterMoves = map[string][]struct{ action, body, next string }{
-	"shutoff": {{"start", "", "running"}, {"status", "", "shutoff"}},
-	"running": {{"pause", "", "paused"}, {"stop", `{"mode":"force"}`, "shutoff"}, {"status", "", "running"}, {"start", "", "running"}},
-	"paused":  {{"resume", "", "running"}, {"stop", `{"mode":"force"}`, "shutoff"}, {"status", "", "paused"}},
-}
-
-// plan gives v its n commands: a walk through the states that differs from
-// VM to VM (seed), so the VMs end in different states.
-func (v *clusterVM) plan(seed, n int) {
-	state := "shutoff"
-	for k := range n {
-		moves := clusterMoves[state]
-		m := moves[(seed+k*k+2*k)%len(moves)]
-		v.cmds = append(v.cmds, clusterCmd{id: fmt.Sprintf("%s-%d", v.name, k), action: m.action, body: m.body, state: m.next})
-		state = m.next
-	}
-}
 
 // TestCluster (build tag cluster, `make cluster`) runs three hosts'
 // workers on a three-node NATS cluster, the
@@ -97,12 +60,12 @@ func TestCluster(t *testing.T) {
 	})
 	cl := bustest.RunCluster(t, 3)
 	hosts := []string{hostID(), hostID(), hostID()}
-	vms := clusterVMs(t, lv, drv, hosts)
+	qemu, vms := clusterVMs(t, lv, drv, hosts)
 	// One collector per node, subscribed before anything runs: the one on
 	// a node that is never shut down sees every completion as published.
-	evts := make([]*bustest.Collector[clusterEvent], cl.Len())
+	evts := make([]*bustest.Collector[fleet.Event], cl.Len())
 	for i := range evts {
-		evts[i] = collectEvents(t, bustest.Connect(t, cl.URL(i)))
+		evts[i] = fleet.Collect(t, bustest.Connect(t, cl.URL(i)), clusterWait)
 	}
 	workers := make([]*inProcess, len(hosts))
 	for i, host := range hosts {
@@ -121,41 +84,46 @@ func TestCluster(t *testing.T) {
 	}
 
 	start := time.Now()
-	p := newClusterPublisher(t, js, vms)
+	p := fleet.Publish(t, vms, fleet.PublishOptions{
+		Producers: []jetstream.JetStream{js}, Phases: clusterPhases, Pace: clusterPace, GiveUp: clusterWait})
 	survivor := runFaults(t, cl, hosts, streams, p, func(phase int) { waitPhase(t, evts, vms, phase) })
-	p.wait(t)
+	p.Wait(t)
+	sent, retried, duplicates := p.Counts()
 	t.Logf("published %d commands in %s: %d needed more than one try, %d PubAcks said duplicate",
-		p.sent, time.Since(start).Round(time.Millisecond), p.retried, p.duplicates)
+		sent, time.Since(start).Round(time.Millisecond), retried, duplicates)
 
-	got := waitAllCompletions(t, evts[survivor], vms)
+	got := fleet.WaitAll(t, evts[survivor], clusterWait, vms)
 	t.Logf("every command completed %s after the first publish; completions collected on node %s, never shut down",
 		time.Since(start).Round(time.Millisecond), cl.Name(survivor))
 	bustest.WaitStreamEmpty(t, js, clusterWait, bus.StreamName,
 		bus.ConsumerName(hosts[0]), bus.ConsumerName(hosts[1]), bus.ConsumerName(hosts[2]))
-	checkCompletions(t, got, vms, testDriverReset(t, drv))
+	reset := testDriverReset(t, drv)
+	copied := fleet.Check(t, got, vms, func(v *fleet.VM) bool { return reset && v.Name != qemu.Name })
+	t.Logf("completions: %d for %d commands on %d VMs of %d hosts; %d commands' completions came more than once (identical copies)",
+		len(got), len(fleet.IDs(vms)), len(vms), len(hosts), copied)
 	checkWorkersRanOnlyTheirOwn(t, workers, hosts, vms)
-	checkFinalStates(t, lv, drv, vms)
+	checkFinalStates(t, lv, drv, qemu, vms)
 }
 
 // clusterVMs makes each host's domains and plans their commands: a QEMU
 // domain for the first host, test-driver domains for the others.
-func clusterVMs(t *testing.T, lv *testbed.Live, drv *testdriver.Driver, hosts []string) []*clusterVM {
+func clusterVMs(t *testing.T, lv *testbed.Live, drv *testdriver.Driver, hosts []string) (libvirt.Domain, []*fleet.VM) {
 	t.Helper()
 	dom := lv.Domain("cluster", testbed.DomainOptions{})
-	vms := []*clusterVM{{host: hosts[0], name: dom.Name, qemu: &dom}}
+	vms := []*fleet.VM{{Host: hosts[0], Name: dom.Name}}
 	for _, host := range hosts[1:] {
 		for range 3 {
 			name := testbed.Name("cluster")
 			if err := drv.Define(name); err != nil {
 				t.Fatal(err)
 			}
-			vms = append(vms, &clusterVM{host: host, name: name})
+			vms = append(vms, &fleet.VM{Host: host, Name: name})
 		}
 	}
 	for i, v := range vms {
-		v.plan(i, clusterPhases*clusterPerPhase)
+		v.Plan(i, clusterPhases*clusterPerPhase)
 	}
-	return vms
+	return dom, vms
 }
 
 // wantReplicated checks that the worker made the command stream and the
@@ -194,7 +162,7 @@ func workerNode(t *testing.T, cl *bustest.Cluster, host string) int {
 
 // waitPhase waits until every command of phase has a completion on one
 // collector or another; a collector whose node is down misses some.
-func waitPhase(t *testing.T, evts []*bustest.Collector[clusterEvent], vms []*clusterVM, phase int) {
+func waitPhase(t *testing.T, evts []*bustest.Collector[fleet.Event], vms []*fleet.VM, phase int) {
 	t.Helper()
 	bustest.Eventually(t, clusterWait, fmt.Sprintf("the completions of phase %d", phase), func() bool {
 		seen := map[string]bool{}
@@ -204,8 +172,8 @@ func waitPhase(t *testing.T, evts []*bustest.Collector[clusterEvent], vms []*clu
 			}
 		}
 		for _, v := range vms {
-			for _, c := range v.cmds[phase*clusterPerPhase : (phase+1)*clusterPerPhase] {
-				if !seen[c.id] {
+			for _, c := range v.Cmds[phase*clusterPerPhase : (phase+1)*clusterPerPhase] {
+				if !seen[c.ID] {
 					return false
 				}
 			}
@@ -226,7 +194,7 @@ func waitPhase(t *testing.T, evts []*bustest.Collector[clusterEvent], vms []*clu
 //	   is shut down, leaving the quorum to the node that came back empty
 //	4  sent and completed while that node is down
 //	5  sent as it comes back on its store
-func runFaults(t *testing.T, cl *bustest.Cluster, hosts, streams []string, p *clusterPublisher, completed func(phase int)) int {
+func runFaults(t *testing.T, cl *bustest.Cluster, hosts, streams []string, p *fleet.Publisher, completed func(phase int)) int {
 	t.Helper()
 	step := func(what string, f func()) {
 		t.Helper()
@@ -234,19 +202,19 @@ func runFaults(t *testing.T, cl *bustest.Cluster, hosts, streams []string, p *cl
 		f()
 		t.Logf("%s (%s)", what, time.Since(at).Round(time.Millisecond))
 	}
-	p.release(0)
-	p.waitHalf(t, 0)
+	p.Release(0)
+	p.WaitHalf(t, 0)
 	lost := cl.StreamLeader(t, bus.StreamName)
 	step("fault: node "+cl.Name(lost)+", leader of "+bus.StreamName+", shut down, its store removed",
 		func() { cl.Stop(lost); cl.Wipe(lost) })
-	p.release(1)
+	p.Release(1)
 	step("phase 1 sent and completed with node "+cl.Name(lost)+" down", func() { completed(1) })
 	step("fault: node "+cl.Name(lost)+" started again, empty, on the same ports", func() { cl.Start(lost) })
-	p.release(2)
-	p.waitHalf(t, 2)
+	p.Release(2)
+	p.WaitHalf(t, 2)
 	step("node "+cl.Name(lost)+" caught up: current in JetStream and every stream", func() { cl.WaitCurrent(t, streams...) })
-	p.release(3)
-	p.waitHalf(t, 3)
+	p.Release(3)
+	p.WaitHalf(t, 3)
 	// The node of some worker, another than the one lost where there is
 	// one.
 	target, whose := -1, ""
@@ -256,11 +224,11 @@ func runFaults(t *testing.T, cl *bustest.Cluster, hosts, streams []string, p *cl
 		}
 	}
 	step(fmt.Sprintf("fault: node %s, worker %s's, shut down", cl.Name(target), whose), func() { cl.Stop(target) })
-	p.release(4)
+	p.Release(4)
 	step("phase 4 sent and completed with node "+cl.Name(target)+" down", func() { completed(4) })
 	step("fault: node "+cl.Name(target)+" started again on its store", func() { cl.Start(target) })
-	p.release(5)
-	p.wait(t)
+	p.Release(5)
+	p.Wait(t)
 	step("every node current in JetStream and every stream", func() { cl.WaitCurrent(t, streams...) })
 	for i := range cl.Len() {
 		if i != lost && i != target {
@@ -269,161 +237,6 @@ func runFaults(t *testing.T, cl *bustest.Cluster, hosts, streams []string, p *cl
 	}
 	t.Fatal("no node stayed up")
 	return -1
-}
-
-// clusterPublisher sends commands the way a careful producer does on a
-// cluster: a PubAck that does not come is asked for again with the same
-// Nats-Msg-Id, which the stream's duplicate window makes safe. One
-// goroutine per VM sends that VM's commands one after the other, each once
-// the last one's PubAck came and its phase is released.
-type clusterPublisher struct {
-	js    jetstream.JetStream
-	gates []chan struct{} // closed when the phase may be sent
-	done  chan struct{}
-	errs  chan error // one per VM at most, so cap is the number of VMs
-
-	mu                        sync.Mutex
-	sent, retried, duplicates int
-	sentOf                    []int // by phase
-}
-
-func newClusterPublisher(t *testing.T, js jetstream.JetStream, vms []*clusterVM) *clusterPublisher {
-	p := &clusterPublisher{js: js, done: make(chan struct{}), errs: make(chan error, len(vms)), sentOf: make([]int, clusterPhases)}
-	for range clusterPhases {
-		p.gates = append(p.gates, make(chan struct{}))
-	}
-	ctx := t.Context()
-	var wg sync.WaitGroup
-	for _, v := range vms {
-		wg.Go(func() {
-			if err := p.sendAll(ctx, v); err != nil {
-				p.errs <- err
-			}
-		})
-	}
-	go func() { wg.Wait(); close(p.done) }()
-	return p
-}
-
-func (p *clusterPublisher) sendAll(ctx context.Context, v *clusterVM) error {
-	for k, c := range v.cmds {
-		phase := k / clusterPerPhase
-		select {
-		case <-p.gates[phase]:
-		case <-ctx.Done():
-			return ctx.Err()
-		}
-		if err := p.send(ctx, v.host, v.name, c); err != nil {
-			return err
-		}
-		p.mu.Lock()
-		p.sentOf[phase]++
-		p.mu.Unlock()
-		time.Sleep(clusterPace)
-	}
-	return nil
-}
-
-// release lets phase's commands go.
-func (p *clusterPublisher) release(phase int) { close(p.gates[phase]) }
-
-// waitHalf waits until half of phase's commands have their PubAck.
-func (p *clusterPublisher) waitHalf(t *testing.T, phase int) {
-	t.Helper()
-	half := (cap(p.errs)*clusterPerPhase + 1) / 2
-	bustest.Eventually(t, clusterWait, fmt.Sprintf("half of phase %d sent", phase), func() bool {
-		p.fail(t)
-		p.mu.Lock()
-		defer p.mu.Unlock()
-		return p.sentOf[phase] >= half
-	})
-}
-
-// wait waits until every command has its PubAck.
-func (p *clusterPublisher) wait(t *testing.T) {
-	t.Helper()
-	select {
-	case <-p.done:
-	case <-time.After(clusterWait):
-		t.Fatalf("commands not all sent after %s", clusterWait)
-	}
-	p.fail(t)
-}
-
-// fail ends the test when a producer gave up.
-func (p *clusterPublisher) fail(t *testing.T) {
-	t.Helper()
-	select {
-	case err := <-p.errs:
-		t.Fatal(err)
-	default:
-	}
-}
-
-func (p *clusterPublisher) send(ctx context.Context, host, name string, c clusterCmd) error {
-	deadline := time.Now().Add(clusterWait)
-	for try := 1; ; try++ {
-		msg := nats.NewMsg(bus.CommandSubject(host, name, c.action))
-		msg.Header.Set(bus.HeaderMsgID, c.id)
-		msg.Data = []byte(c.body)
-		actx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		ack, err := p.js.PublishMsg(actx, msg)
-		cancel()
-		if err == nil {
-			p.mu.Lock()
-			defer p.mu.Unlock()
-			p.sent++
-			if try > 1 {
-				p.retried++
-			}
-			if ack.Duplicate {
-				p.duplicates++
-			}
-			return nil
-		}
-		if time.Now().After(deadline) || ctx.Err() != nil {
-			return fmt.Errorf("publish %s %s (id %s), %d tries: %w", c.action, name, c.id, try, err)
-		}
-		time.Sleep(250 * time.Millisecond)
-	}
-}
-
-// clusterEvent is a completion and the subject it came on.
-type clusterEvent struct {
-	bus.Completion
-	subject string
-}
-
-func (e clusterEvent) String() string { return e.ID + "@" + e.subject + "=" + e.Status }
-
-// collectEvents gathers every completion on virtbus.evt.> that nc's node
-// routes to it.
-func collectEvents(t *testing.T, nc *nats.Conn) *bustest.Collector[clusterEvent] {
-	t.Helper()
-	return bustest.Collect(t, nc, "virtbus.evt.>", clusterWait, func(m *nats.Msg) (clusterEvent, string, error) {
-		e := clusterEvent{subject: m.Subject}
-		if err := json.Unmarshal(m.Data, &e.Completion); err != nil {
-			return e, "", err
-		}
-		if e.ID == "" {
-			return e, "", errors.New("completion without an id")
-		}
-		return e, e.ID, nil
-	})
-}
-
-// waitAllCompletions waits for a completion of every command, then for
-// what was published before the wait ended.
-func waitAllCompletions(t *testing.T, c *bustest.Collector[clusterEvent], vms []*clusterVM) []clusterEvent {
-	t.Helper()
-	var ids []string
-	for _, v := range vms {
-		for _, cmd := range v.cmds {
-			ids = append(ids, cmd.id)
-		}
-	}
-	c.WaitIDs(t, clusterWait, ids...)
-	return c.Settled(t)
 }
 
 // testDriverReset says whether libvirtd lost the test driver's domains
@@ -442,84 +255,17 @@ func testDriverReset(t *testing.T, drv *testdriver.Driver) bool {
 	return len(resets) > 0
 }
 
-// checkCompletions: one completion per command (or identical copies), from
-// its own host, on its own host's subject, each VM's first ones in publish
-// order, each ok and reporting
-// the state the VM's commands so far lead to.
-func checkCompletions(t *testing.T, got []clusterEvent, vms []*clusterVM, driverReset bool) {
-	t.Helper()
-	byID := map[string][]clusterEvent{}
-	byVM := map[string][]string{}
-	attempts := map[string][]string{} // by VM: the ids' numbers and attempts, for a failure message
-	for _, e := range got {
-		if len(byID[e.ID]) == 0 {
-			// The order is that of each command's first completion: a
-			// copy (sent again after a broken connection, or answered
-			// from the record on a redelivery) may come later.
-			byVM[e.VM] = append(byVM[e.VM], e.ID)
-		}
-		byID[e.ID] = append(byID[e.ID], e)
-		attempts[e.VM] = append(attempts[e.VM], fmt.Sprintf("%s(attempt %d)", strings.TrimPrefix(e.ID, e.VM+"-"), e.Attempt))
-	}
-	var sent []string
-	for _, v := range vms {
-		var want []string
-		for _, c := range v.cmds {
-			want = append(want, c.id)
-			checkOne(t, v, c, byID[c.id], driverReset)
-		}
-		if !slices.Equal(byVM[v.name], want) {
-			t.Errorf("completions of %s (host %s) came in the order %v, want the publish order 0 to %d", v.name, v.host, attempts[v.name], len(want)-1)
-		}
-		sent = append(sent, want...)
-	}
-	for id, es := range byID {
-		if !slices.Contains(sent, id) {
-			t.Errorf("completion of a command never sent: %v", es)
-		}
-	}
-	t.Logf("completions: %d for %d commands on %d VMs of %d hosts", len(got), len(sent), len(vms), 3)
-}
-
-// checkOne checks the completions of one command: one, or copies of one
-// (the same completion sent again), never two different ones.
-func checkOne(t *testing.T, v *clusterVM, c clusterCmd, es []clusterEvent, driverReset bool) {
-	t.Helper()
-	if len(es) == 0 {
-		t.Errorf("command %s (%s %s) has no completion", c.id, c.action, v.name)
-		return
-	}
-	e := es[0]
-	for _, dup := range es[1:] {
-		if !reflect.DeepEqual(dup.Completion, e.Completion) || dup.subject != e.subject {
-			t.Errorf("command %s (%s %s) has different completions: %+v and %+v", c.id, c.action, v.name, e.Completion, dup.Completion)
-		}
-	}
-	if len(es) > 1 {
-		t.Logf("command %s (%s %s): %d copies of its completion", c.id, c.action, v.name, len(es))
-	}
-	if e.Host != v.host || e.subject != bus.EventSubject(v.host, v.name, c.action) {
-		t.Errorf("command %s for host %s completed by host %q on %s", c.id, v.host, e.Host, e.subject)
-	}
-	if v.qemu == nil && driverReset {
-		return
-	}
-	if e.Status != bus.StatusOK || e.State != c.state {
-		t.Errorf("command %s (%s %s): status %s error %+v state %q, want ok and %s", c.id, c.action, v.name, e.Status, e.Error, e.State, c.state)
-	}
-}
-
 // checkWorkersRanOnlyTheirOwn: each worker ran exactly its own host's
 // commands, once each (a command answered from its record is not run and
 // not counted). Any other host's command that reached a worker would add
 // to its count.
-func checkWorkersRanOnlyTheirOwn(t *testing.T, workers []*inProcess, hosts []string, vms []*clusterVM) {
+func checkWorkersRanOnlyTheirOwn(t *testing.T, workers []*inProcess, hosts []string, vms []*fleet.VM) {
 	t.Helper()
 	for i, w := range workers {
 		want := 0
 		for _, v := range vms {
-			if v.host == hosts[i] {
-				want += len(v.cmds)
+			if v.Host == hosts[i] {
+				want += len(v.Cmds)
 			}
 		}
 		_, page := httpDo(t, "GET", "http://"+w.env["VIRTBUS_METRICS_ADDR"]+"/metrics", nil, "")
@@ -550,29 +296,26 @@ func checkWorkersRanOnlyTheirOwn(t *testing.T, workers []*inProcess, hosts []str
 
 // checkFinalStates: libvirt's state of each domain is what its last
 // command left.
-func checkFinalStates(t *testing.T, lv *testbed.Live, drv *testdriver.Driver, vms []*clusterVM) {
+func checkFinalStates(t *testing.T, lv *testbed.Live, drv *testdriver.Driver, qemu libvirt.Domain, vms []*fleet.VM) {
 	t.Helper()
-	reset := false
-	if resets, _ := drv.History(); len(resets) > 0 {
-		reset = true
-	}
+	resets, _ := drv.History()
 	for _, v := range vms {
-		want := v.cmds[len(v.cmds)-1].state
+		last := v.Cmds[len(v.Cmds)-1]
 		var st libvirt.DomainState
-		if v.qemu != nil {
-			st = lv.State(*v.qemu)
+		if v.Name == qemu.Name {
+			st = lv.State(qemu)
 		} else {
-			if reset {
+			if len(resets) > 0 {
 				continue
 			}
 			var err error
-			if st, err = drv.State(v.name); err != nil {
-				t.Errorf("state of %s: %v", v.name, err)
+			if st, err = drv.State(v.Name); err != nil {
+				t.Errorf("state of %s: %v", v.Name, err)
 				continue
 			}
 		}
-		if got := vm.StateName(st); got != want {
-			t.Errorf("libvirt says %s is %s, want %s (its last command: %s)", v.name, got, want, v.cmds[len(v.cmds)-1].action)
+		if got := vm.StateName(st); got != last.State {
+			t.Errorf("libvirt says %s is %s, want %s (its last command: %s)", v.Name, got, last.State, last.Action)
 		}
 	}
 }

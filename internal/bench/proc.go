@@ -14,8 +14,8 @@ import (
 // 100 Hz on every Linux architecture Go runs on.
 const clockTick = 10 * time.Millisecond
 
-// cpuTime is the CPU time the process has used so far, user plus system.
-func cpuTime(pid int) (time.Duration, error) {
+// CPUTime is the CPU time the process has used so far, user plus system.
+func CPUTime(pid int) (time.Duration, error) {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 	if err != nil {
 		return 0, fmt.Errorf("cpu time of pid %d: %w", pid, err)
@@ -41,9 +41,9 @@ func cpuTime(pid int) (time.Duration, error) {
 	return time.Duration(ticks) * clockTick, nil
 }
 
-// peakRSS is the most resident memory the process has had (VmHWM), in
+// PeakRSS is the most resident memory the process has had (VmHWM), in
 // bytes.
-func peakRSS(pid int) (uint64, error) {
+func PeakRSS(pid int) (uint64, error) {
 	kb, err := procField(fmt.Sprintf("/proc/%d/status", pid), "VmHWM:")
 	if err != nil {
 		return 0, fmt.Errorf("peak RSS of pid %d: %w", pid, err)

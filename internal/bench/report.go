@@ -56,7 +56,7 @@ func (r *Row) cells() []string {
 	c := []string{r.What, strconv.Itoa(r.S.ops), fmt.Sprintf("%.0f", r.S.rate())}
 	for _, q := range []float64{0.5, 0.99, 1} {
 		if d, ok := r.S.quantile(q); ok {
-			c = append(c, ms(d))
+			c = append(c, MS(d))
 		} else {
 			c = append(c, "–")
 		}
@@ -106,9 +106,9 @@ func (r *Row) targetCell() string {
 	return r.Target.text + ": **missed**"
 }
 
-// ms prints a duration in milliseconds with three significant digits or
+// MS prints a duration in milliseconds with three significant digits or
 // so.
-func ms(d time.Duration) string {
+func MS(d time.Duration) string {
 	v := float64(d) / float64(time.Millisecond)
 	switch {
 	case v < 1:

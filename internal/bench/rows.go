@@ -99,9 +99,9 @@ func (b *Bench) liveRow(what string, o workerOptions, cmds []command, window int
 	if err != nil {
 		return nil, err
 	}
-	defer w.kill()
+	defer w.Kill()
 	if err := w.ready(); err != nil {
-		return nil, fmt.Errorf("%w\n%s", err, w.logs())
+		return nil, fmt.Errorf("%w\n%s", err, w.Logs())
 	}
 	col, err := collect(b.nc, host, len(cmds), window)
 	if err != nil {
@@ -121,7 +121,7 @@ func (b *Bench) liveRow(what string, o workerOptions, cmds []command, window int
 		err = col.waitAll()
 	}
 	if err != nil {
-		return nil, fmt.Errorf("%s: %w\n%s", what, err, w.logs())
+		return nil, fmt.Errorf("%s: %w\n%s", what, err, w.Logs())
 	}
 	use, machine, err := b.endRow(what, w, col, m, profiled)
 	if err != nil {
@@ -180,19 +180,19 @@ func (b *Bench) backlogRow(what string, n int) (*Row, error) {
 	if err != nil {
 		return nil, err
 	}
-	defer w.kill()
+	defer w.Kill()
 	if err := w.ready(); err != nil {
-		return nil, fmt.Errorf("%s: %w\n%s", what, err, w.logs())
+		return nil, fmt.Errorf("%s: %w\n%s", what, err, w.Logs())
 	}
 	profiled := w.profile(b.S.Profiles, slug(what), b.S.ProfileFor)
 	if err := col.waitAll(); err != nil {
-		return nil, fmt.Errorf("%s: %w\n%s", what, err, w.logs())
+		return nil, fmt.Errorf("%s: %w\n%s", what, err, w.Logs())
 	}
 	use, machine, err := b.endRow(what, w, col, m, profiled)
 	if err != nil {
 		return nil, err
 	}
-	s := col.sample(w.started)
+	s := col.sample(w.Started)
 	s.lat = nil // from publish to completion is mostly the wait for the worker
 	return &Row{What: what, S: s, Worker: &use, Machine: machine,
 		Note: fmt.Sprintf("published in %s while no worker ran; %s", published.Round(10*time.Millisecond), observed(w, col))}, nil
@@ -206,9 +206,9 @@ func (b *Bench) prime(host string, o workerOptions) error {
 	if err != nil {
 		return err
 	}
-	defer w.kill()
+	defer w.Kill()
 	if err := w.ready(); err != nil {
-		return fmt.Errorf("%w\n%s", err, w.logs())
+		return fmt.Errorf("%w\n%s", err, w.Logs())
 	}
 	return w.stop()
 }
@@ -231,19 +231,19 @@ func (b *Bench) expectPending(host string, n int) error {
 // the host's consumer empty.
 func (b *Bench) finish(w *worker, col *collector) error {
 	if err := w.stop(); err != nil {
-		return fmt.Errorf("%w\n%s", err, w.logs())
+		return fmt.Errorf("%w\n%s", err, w.Logs())
 	}
 	if err := col.settle(b.nc); err != nil {
 		return err
 	}
-	return b.expectPending(w.host, 0)
+	return b.expectPending(w.Host, 0)
 }
 
 // observed says what else the row saw of its worker: the state changes
 // it published, and its warnings and errors, if any.
 func observed(w *worker, col *collector) string {
 	s := fmt.Sprintf("%d state messages", col.states.Load())
-	if lines := w.warnings(); len(lines) > 0 {
+	if lines := w.Warnings(); len(lines) > 0 {
 		s += fmt.Sprintf("; the worker logged %d warnings, the first: %.300s", len(lines), lines[0])
 	}
 	return s

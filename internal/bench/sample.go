@@ -31,6 +31,12 @@ func (s sample) quantile(q float64) (time.Duration, bool) {
 	if len(s.lat) == 0 {
 		return 0, false
 	}
-	i := int(q*float64(len(s.lat))+0.999999) - 1
-	return s.lat[min(max(i, 0), len(s.lat)-1)], true
+	return Quantile(s.lat, q), true
+}
+
+// Quantile is the nearest-rank q-quantile (q in (0, 1]) of sorted, which
+// must not be empty.
+func Quantile(sorted []time.Duration, q float64) time.Duration {
+	i := int(q*float64(len(sorted))+0.999999) - 1
+	return sorted[min(max(i, 0), len(sorted)-1)]
 }

@@ -64,11 +64,11 @@ func TestProcReadsThisProcess(t *testing.T) {
 	// Burn a little CPU so that at least one tick shows.
 	for start := time.Now(); time.Since(start) < 30*time.Millisecond; {
 	}
-	cpu, err := cpuTime(os.Getpid())
+	cpu, err := CPUTime(os.Getpid())
 	if err != nil || cpu <= 0 {
 		t.Errorf("cpu time %v, %v", cpu, err)
 	}
-	rss, err := peakRSS(os.Getpid())
+	rss, err := PeakRSS(os.Getpid())
 	if err != nil || rss < 1<<20 {
 		t.Errorf("peak RSS %d, %v", rss, err)
 	}

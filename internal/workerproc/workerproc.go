@@ -1,5 +1,5 @@
 // Package workerproc builds cmd/worker and runs it the way the harnesses
-// (chaos, bench) need it: a separate process with an environment of its
+// (chaos, bench, fleet) need it: a separate process with an environment of its
 // own, watched through its /readyz, so that a SIGKILL, a restart or a
 // measurement of its CPU and memory hits the worker alone.
 package workerproc
