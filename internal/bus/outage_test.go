@@ -3,12 +3,16 @@ package bus
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"log/slog"
 	"math/rand/v2"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/virtbus/virtbus/internal/bus/bustest"
@@ -170,5 +174,95 @@ func TestPendingCommandKeepsItsPlaceAcrossAServerRestart(t *testing.T) {
 	events.WaitID(t, "a-2")
 	if got := c.idsFor("vm-a"); !slices.Equal(got, []string{"a-1", "a-2"}) {
 		t.Errorf("vm-a ran %v, want a-1 then a-2", got)
+	}
+}
+
+// A command a server restart cut off on its way to this worker comes
+// back at once when the worker sets up again, not after its ack wait: it
+// resets the consumer to its ack floor, and the server delivers the lost
+// command again, ahead of its VM's later one. The ack wait here is far
+// beyond the test's patience.
+func TestLostInFlightComesBackAtOnce(t *testing.T) {
+	s := bustest.RunServer(t, RunEmbedded, t.TempDir(), -1)
+	url := s.ClientURL()
+	w, logs, js, cons := loseInFlight(t, url, Config{AckWait: 10 * time.Minute})
+	ctx, cancel := context.WithTimeout(t.Context(), waitTimeout)
+	defer cancel()
+	w.takeOver(ctx, js, cons, false)
+	wantNext(t, cons, "a-1", "a-2")
+	if !strings.Contains(logs.String(), "the consumer was reset") {
+		t.Errorf("the worker did not say it reset the consumer:\n%s", logs.String())
+	}
+}
+
+// Where the worker may not reset its consumer (a server before 2.14, or
+// a user without leave), it falls back to waiting out the ack wait; the
+// lost command still comes first.
+func TestLostInFlightWaitsWithoutLeaveToReset(t *testing.T) {
+	deny := func(storeDir, host string, port int) (*server.Server, error) {
+		s, err := server.NewServer(&server.Options{Host: host, Port: port, JetStream: true, StoreDir: storeDir, NoLog: true, NoSigs: true,
+			Users: []*server.User{{Username: "w", Password: "w", Permissions: &server.Permissions{
+				Publish: &server.SubjectPermission{Allow: []string{">"}, Deny: []string{"$JS.API.CONSUMER.RESET.>"}}}}}})
+		if err != nil {
+			return nil, err
+		}
+		go s.Start()
+		if !s.ReadyForConnections(10 * time.Second) {
+			return nil, errors.New("server not ready")
+		}
+		return s, nil
+	}
+	s := bustest.RunServer(t, deny, t.TempDir(), -1)
+	url := "nats://w:w@" + strings.TrimPrefix(s.ClientURL(), "nats://")
+	w, logs, js, cons := loseInFlight(t, url, Config{AckWait: 2 * time.Second})
+	w.takeOver(t.Context(), js, cons, false)
+	wantNext(t, cons, "a-1", "a-2")
+	if out := logs.String(); !strings.Contains(out, "resetting the consumer") || !strings.Contains(out, "waiting for them to come back") {
+		t.Errorf("the worker did not say the reset failed and it waits:\n%s", out)
+	}
+}
+
+// loseInFlight sets up the stream and consumer, publishes a-1 and a-2 for
+// vm-a and takes a-1 the way a pull cut off by a server restart loses it:
+// delivered, never acked, held by no one. It returns a worker, not
+// started, logging into logs, and its JetStream and consumer.
+func loseInFlight(t *testing.T, url string, cfg Config) (*runningWorker, *lockedBuffer, jetstream.JetStream, jetstream.Consumer) {
+	t.Helper()
+	first := startWorker(t, connect(t, url), cfg, okHandler(newCalls()))
+	if err := first.stop(t); err != nil {
+		t.Fatal(err)
+	}
+	js := bustest.JetStream(t, connect(t, url))
+	publishCmd(t, js, "vm-a", "start", "a-1", "", "")
+	publishCmd(t, js, "vm-a", "stop", "a-2", "", "")
+	cons, err := js.Consumer(t.Context(), StreamName, ConsumerName(testHost))
+	if err != nil {
+		t.Fatal(err)
+	}
+	wantNext(t, cons, "a-1")
+	w := newWorker(t, connect(t, url), cfg, okHandler(newCalls()))
+	logs := &lockedBuffer{}
+	w.log = slog.New(slog.NewTextHandler(logs, nil))
+	// As after a reconnect: set up again, then take over.
+	if cons, err = w.setup(t.Context(), js); err != nil {
+		t.Fatal(err)
+	}
+	return w, logs, js, cons
+}
+
+// wantNext fetches from cons, without acking, and wants the command ids
+// ids in that order.
+func wantNext(t *testing.T, cons jetstream.Consumer, ids ...string) {
+	t.Helper()
+	batch, err := cons.Fetch(len(ids), jetstream.FetchMaxWait(5*time.Second))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for m := range batch.Messages() {
+		got = append(got, m.Headers().Get(HeaderMsgID))
+	}
+	if !slices.Equal(got, ids) {
+		t.Errorf("fetched %v, want %v (%v)", got, ids, batch.Error())
 	}
 }

@@ -52,7 +52,7 @@ func (w *Worker) keepSetUp(ctx context.Context, js jetstream.JetStream, kept fun
 				}
 				kept(l)
 			}
-			w.takeOver(ctx, cons, takeover)
+			w.takeOver(ctx, js, cons, takeover)
 			takeover = false
 			w.cons.Store(&cons)
 			w.ready.Store(true)
@@ -249,14 +249,19 @@ func (w *Worker) verify(ctx context.Context, cons jetstream.Consumer) error {
 // every new set-up (a reconnect, a lost consumer). Commands the consumer
 // counts as pending but this worker does not hold were taken by a worker
 // that died (SIGKILL, power loss), or delivered into a pull that a server
-// restart cut off. They come back only once their ack wait has passed, and
-// fetching before that would run later commands of the same VM first. So
-// takeOver waits until then; the server then redelivers them ahead of the
-// newer ones, in order, with their delivery counts intact. At the start,
+// restart cut off. Fetching before they come back would run later
+// commands of the same VM first. So takeOver has them delivered again
+// before it lets fetching resume. Lost from this worker's own pull, they
+// come at once: it resets the consumer to its ack floor (resetLost). At
+// the start, or where the server cannot reset, it waits until their ack
+// wait has passed, when the server redelivers them ahead of the newer
+// ones, in order, with their delivery counts intact: a command whose
+// worker died may be what killed it, and only its count, which a reset
+// would start again at one, lets the delivery limit end it. At the start,
 // commands a worker handed back at a clean shutdown are already
 // redeliverable: no wait. Every time compared is the server's: the worker's
 // clock may be off.
-func (w *Worker) takeOver(ctx context.Context, cons jetstream.Consumer, start bool) {
+func (w *Worker) takeOver(ctx context.Context, js jetstream.JetStream, cons jetstream.Consumer, start bool) {
 	info := cons.CachedInfo()
 	lost := info.NumAckPending - w.held.len()
 	if lost <= 0 {
@@ -281,10 +286,59 @@ func (w *Worker) takeOver(ctx context.Context, cons jetstream.Consumer, start bo
 			w.log.Warn("reading the server's clock failed; waiting a whole ack wait", "err", err)
 		}
 	}
+	wait += redeliveryGrace
 	if wait <= 0 {
 		return
 	}
+	at := time.Now()
+	if !start && w.resetLost(ctx, js, wait) {
+		w.log.Info("commands were pending that this worker did not hold; the consumer was reset to deliver them again now, in order",
+			"pending", lost, "after", time.Since(at).Round(time.Millisecond))
+		return
+	}
+	wait -= time.Since(at)
 	w.log.Warn("commands are pending that this worker does not hold; waiting for them to come back so each VM keeps its order",
 		"pending", lost, "wait", wait.Round(time.Millisecond))
 	sleep(ctx, wait)
 }
+
+// resetLost is the quick way out of takeOver's wait for commands a
+// server restart cut off on their way to this worker: once it holds
+// nothing (its runners finish what they hold, within the wait), it resets
+// its consumer to the ack floor, and the server delivers at once, in
+// order, every command after the floor that is not acked: the lost ones
+// first. They never reached a handler, so starting their delivery count
+// again costs the delivery limit nothing. The stream is a work queue, so what was acked is
+// gone and does not come again, except acks still on their way, answered
+// from their record. It needs nats-server 2.14 (consumer reset) and leave
+// to publish to $JS.API.CONSUMER.RESET.<stream>.<consumer>; without
+// either it reports false, and takeOver waits out the ack wait as before.
+func (w *Worker) resetLost(ctx context.Context, js jetstream.JetStream, within time.Duration) bool {
+	deadline := time.Now().Add(within)
+	for w.held.len() > 0 {
+		if time.Until(deadline) <= 0 || ctx.Err() != nil {
+			return false
+		}
+		sleep(ctx, 20*time.Millisecond)
+	}
+	rctx, cancel := context.WithTimeout(ctx, min(time.Until(deadline), resetTimeout))
+	defer cancel()
+	if _, err := js.ResetConsumer(rctx, StreamName, ConsumerName(w.cfg.Host)); err != nil {
+		if ctx.Err() == nil {
+			w.log.Warn("resetting the consumer to deliver the lost commands again failed (it needs nats-server 2.14 and leave to publish to $JS.API.CONSUMER.RESET)",
+				"consumer", ConsumerName(w.cfg.Host), "err", err)
+		}
+		return false
+	}
+	return true
+}
+
+// redeliveryGrace is how much longer than their ack wait takeOver waits
+// for lost commands: the server's timer queues them for redelivery a
+// moment after the ack wait ends, and a fetch in that moment gets a newer
+// command first.
+const redeliveryGrace = time.Second
+
+// resetTimeout bounds the consumer reset: a server that does not know
+// the request, or a user without leave to send it, gets no answer.
+const resetTimeout = 5 * time.Second
