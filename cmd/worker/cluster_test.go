@@ -1,5 +1,3 @@
-//go:build cluster
-
 package main
 
 import (
@@ -23,8 +21,8 @@ import (
 
 // clusterWait bounds the waits of the cluster test: JetStream elects new
 // leaders for every replicated stream and consumer after a node loss, and a
-// worker that lost a pull to a dead node waits out the consumer's ack wait
-// (30 s) before it fetches again.
+// worker that lost a pull to a dead node and cannot reset its consumer
+// waits out the ack wait (30 s) before it fetches again.
 const clusterWait = 3 * time.Minute
 
 // clusterPhases are the rounds of commands (see runFaults), each fault
@@ -37,7 +35,7 @@ const (
 	clusterPace     = 100 * time.Millisecond
 )
 
-// TestCluster (build tag cluster, `make cluster`) runs three hosts'
+// TestCluster (in `make test`; alone: `make cluster`) runs three hosts'
 // workers on a three-node NATS cluster, the
 // command stream and the buckets with three replicas, each worker given a
 // node of its own first in VIRTBUS_NATS_URL (nats.go shuffles the list, so

@@ -24,8 +24,9 @@ import (
 )
 
 // fleetWait bounds every wait of the simulation: a worker whose pull died
-// with the restarted node waits out the consumer's ack wait (30 s) before
-// its held commands come back, and 50 workers share two cores.
+// with the restarted node and cannot reset its consumer waits out the ack
+// wait (30 s) before the lost commands come back, and 50 workers share two
+// cores.
 const fleetWait = 5 * time.Minute
 
 // settings size a run; VIRTBUS_FLEET_* override each.
