@@ -7,7 +7,6 @@ import (
 	"encoding/json"
 	"regexp"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -134,32 +133,14 @@ func TestListWithoutBucket(t *testing.T) {
 	runPublish(t.Context(), "nats://127.0.0.1:1", "list").want(t, exitFailed)
 }
 
-// syncBuffer is a bytes.Buffer that a test reads while run writes to it.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // startWatch runs publish with args (watch ...) until the test cancels
 // it, and returns once it is subscribed. stop ends it and returns its
 // exit code.
-func startWatch(t *testing.T, url string, args ...string) (stdout *syncBuffer, stop func() int) {
+func startWatch(t *testing.T, url string, args ...string) (stdout *bustest.Buffer, stop func() int) {
 	t.Helper()
 	env := envFunc(map[string]string{"VIRTBUS_NATS_URL": url, "VIRTBUS_HOST": "hv1"})
 	ctx, cancel := context.WithCancel(t.Context())
-	stdout, stderr := &syncBuffer{}, &syncBuffer{}
+	stdout, stderr := &bustest.Buffer{}, &bustest.Buffer{}
 	done := make(chan int, 1)
 	go func() { done <- exitCode(run(ctx, args, env, stdout, stderr), stderr) }()
 	bustest.Eventually(t, 10*time.Second, "watch subscribed", func() bool {

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/virtbus/virtbus/internal/bus"
+	"github.com/virtbus/virtbus/internal/bus/bustest"
 	"github.com/virtbus/virtbus/internal/envload"
 )
 
@@ -76,7 +77,7 @@ func TestConfigRefusesBadValues(t *testing.T) {
 			t.Parallel()
 			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 			defer cancel()
-			var stdout, stderr syncBuffer
+			var stdout, stderr bustest.Buffer
 			err := run(ctx, nil, base.with(tt.key, tt.value).getenv, &stdout, &stderr)
 			if err == nil {
 				t.Fatalf("run started with %s=%q (ended only by the test's deadline)\nstderr: %s", tt.key, tt.value, stderr.String())
@@ -95,7 +96,7 @@ func TestConfigRefusesBadValues(t *testing.T) {
 // reads with its default, and starts nothing.
 func TestUsageListsEveryVariable(t *testing.T) {
 	t.Parallel()
-	var stdout, stderr syncBuffer
+	var stdout, stderr bustest.Buffer
 	getenv := func(k string) string {
 		t.Errorf("-h read %s from the environment", k)
 		return ""
@@ -139,7 +140,7 @@ func TestUsageListsEveryVariable(t *testing.T) {
 func TestArgumentsRefused(t *testing.T) {
 	t.Parallel()
 	for _, args := range [][]string{{"start"}, {"-queue-size", "8"}} {
-		var stdout, stderr syncBuffer
+		var stdout, stderr bustest.Buffer
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		err := run(ctx, args, func(string) string { return "" }, &stdout, &stderr)
 		cancel()
@@ -147,7 +148,7 @@ func TestArgumentsRefused(t *testing.T) {
 			t.Errorf("worker %q: run returned nil", args)
 		}
 	}
-	var stdout, stderr syncBuffer
+	var stdout, stderr bustest.Buffer
 	err := run(t.Context(), []string{"start"}, func(string) string { return "" }, &stdout, &stderr)
 	if err == nil || !strings.Contains(err.Error(), "VIRTBUS_") {
 		t.Errorf("worker start: error %v, want it to point at the VIRTBUS_* variables", err)

@@ -75,25 +75,6 @@ func binary(t *testing.T, name string) string {
 	return filepath.Join(binDir, name)
 }
 
-// syncBuffer is a bytes.Buffer safe for the worker's goroutines to write
-// while the test reads it.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // freeAddr picks a free loopback address for VIRTBUS_METRICS_ADDR or
 // VIRTBUS_API_ADDR, which take a fixed address (the worker does not report
 // the port of ":0").
@@ -149,8 +130,8 @@ func hostID() string { return testbed.Name("hv") }
 // inProcess is a worker running through run in this process.
 type inProcess struct {
 	env    env
-	stdout *syncBuffer
-	stderr *syncBuffer
+	stdout *bustest.Buffer
+	stderr *bustest.Buffer
 	cancel context.CancelFunc
 	done   chan error
 
@@ -163,7 +144,7 @@ type inProcess struct {
 func startWorker(t *testing.T, e env) *inProcess {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
-	w := &inProcess{env: e, stdout: &syncBuffer{}, stderr: &syncBuffer{}, cancel: cancel, done: make(chan error, 1)}
+	w := &inProcess{env: e, stdout: &bustest.Buffer{}, stderr: &bustest.Buffer{}, cancel: cancel, done: make(chan error, 1)}
 	go func() { w.done <- run(ctx, nil, e.getenv, w.stdout, w.stderr) }()
 	t.Cleanup(func() {
 		if err := w.stop(t); err != nil {
@@ -202,7 +183,7 @@ func (w *inProcess) stop(t *testing.T) error {
 // process is a worker running as a real subprocess, so it can be killed.
 type process struct {
 	cmd    *exec.Cmd
-	output *syncBuffer
+	output *bustest.Buffer
 	done   chan struct{}
 	err    error // Wait's, once done is closed
 }
@@ -211,7 +192,7 @@ type process struct {
 // does not wait for readiness: a worker with a backlog may be busy at once.
 func startProcess(t *testing.T, e env) *process {
 	t.Helper()
-	p := &process{cmd: exec.Command(binary(t, "worker")), output: &syncBuffer{}, done: make(chan struct{})}
+	p := &process{cmd: exec.Command(binary(t, "worker")), output: &bustest.Buffer{}, done: make(chan struct{})}
 	p.cmd.Env = e.list()
 	p.cmd.Stdout, p.cmd.Stderr = p.output, p.output
 	if err := p.cmd.Start(); err != nil {

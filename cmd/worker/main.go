@@ -126,15 +126,19 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	// Discovery (`publish hosts`, `nats micro ls virtbus`) from when the
 	// worker is ready or standing by until shutdown begins.
 	stopDiscovery := serveDiscovery(ctx, nc, w, cfg.Host, conn, watcher, log)
-	// Run returns once ctx has ended, the running commands are finished and
-	// what was still queued is handed back.
-	err = w.Run(ctx)
+	return drain(ctx, w, nc, stopDiscovery, log)
+}
+
+// drain runs the bus worker until ctx ends. Run returns once the running
+// commands are finished and what was still queued is handed back; then
+// discovery stops, and the naks of the drain, fire-and-forget, are pushed
+// out before the connection closes.
+func drain(ctx context.Context, w *bus.Worker, nc *nats.Conn, stopDiscovery func(), log *slog.Logger) error {
+	err := w.Run(ctx)
 	stopDiscovery()
 	if err != nil {
 		return err
 	}
-	// The naks of the drain are fire-and-forget: push them out before the
-	// connection closes.
 	if err := nc.Flush(); err != nil && !errors.Is(err, nats.ErrConnectionClosed) {
 		log.Warn("flush on shutdown", "err", err)
 	}

@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/virtbus/virtbus/internal/buildinfo"
+	"github.com/virtbus/virtbus/internal/bus/bustest"
 )
 
 var versionLine = regexp.MustCompile(`^virtbus (worker|publish) \S+ \(commit ([0-9a-f]{12}|unknown)( dirty)?, go\S+\)\n$`)
@@ -63,7 +64,7 @@ func TestExitStatus(t *testing.T) {
 			t.Errorf("worker %q with %v: exit %d, want 2\nstderr: %.300s", c.args, c.env, code, stderr)
 		}
 	}
-	var stderr syncBuffer
+	var stderr bustest.Buffer
 	if got := exitCode(errors.New("nats connection closed"), &stderr); got != 1 || stderr.String() != "worker: nats connection closed\n" {
 		t.Errorf("exitCode of a run error = %d, printed %q; want 1", got, stderr.String())
 	}
@@ -76,7 +77,7 @@ func TestExitStatus(t *testing.T) {
 // statuses.
 func TestHelpDocumentsExitStatus(t *testing.T) {
 	t.Parallel()
-	var stdout, stderr syncBuffer
+	var stdout, stderr bustest.Buffer
 	if err := run(t.Context(), []string{"-h"}, env{}.getenv, &stdout, &stderr); err != nil {
 		t.Fatal(err)
 	}

@@ -226,7 +226,7 @@ func TestLostInFlightWaitsWithoutLeaveToReset(t *testing.T) {
 // vm-a and takes a-1 the way a pull cut off by a server restart loses it:
 // delivered, never acked, held by no one. It returns a worker, not
 // started, logging into logs, and its JetStream and consumer.
-func loseInFlight(t *testing.T, url string, cfg Config) (*runningWorker, *lockedBuffer, jetstream.JetStream, jetstream.Consumer) {
+func loseInFlight(t *testing.T, url string, cfg Config) (*runningWorker, *bustest.Buffer, jetstream.JetStream, jetstream.Consumer) {
 	t.Helper()
 	first := startWorker(t, connect(t, url), cfg, okHandler(newCalls()))
 	if err := first.stop(t); err != nil {
@@ -241,7 +241,7 @@ func loseInFlight(t *testing.T, url string, cfg Config) (*runningWorker, *locked
 	}
 	wantNext(t, cons, "a-1")
 	w := newWorker(t, connect(t, url), cfg, okHandler(newCalls()))
-	logs := &lockedBuffer{}
+	logs := &bustest.Buffer{}
 	w.log = slog.New(slog.NewTextHandler(logs, nil))
 	// As after a reconnect: set up again, then take over.
 	if cons, err = w.setup(t.Context(), js); err != nil {

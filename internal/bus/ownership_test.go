@@ -1,12 +1,10 @@
 package bus
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"log/slog"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -14,25 +12,6 @@ import (
 
 	"github.com/virtbus/virtbus/internal/bus/bustest"
 )
-
-// lockedBuffer is a log sink the worker's goroutines may write while the
-// test reads it.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
 
 // The stream, consumer and bucket belong to the operator once they exist:
 // a worker rewrites none of their settings, and names once each setting
@@ -57,7 +36,7 @@ func TestOperatorSettingsAreKept(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	var logs lockedBuffer
+	var logs bustest.Buffer
 	w := newWorker(t, connect(t, s.ClientURL()), Config{}, okHandler(newCalls()))
 	w.log = slog.New(slog.NewTextHandler(&logs, nil))
 	w.start(t)

@@ -144,7 +144,7 @@ func (r *report) write(w io.Writer) {
 		r.Hosts, r.VMs, r.Commands, total, r.Producers, r.Pace)
 	fmt.Fprintf(w, "- NATS: 3 nodes on loopback, stream and buckets with 3 replicas. Halfway through, node n1 was shut down for %s, started again on its store, and caught up: %s in all.\n",
 		r.Down, r.restart.Round(100*time.Millisecond))
-	fmt.Fprintf(w, "- Publishing: %d commands, %d needed a second try, %d PubAcks said duplicate. Completions: %d commands had identical copies (sent again after a reconnect).\n",
+	fmt.Fprintf(w, "- Publishing: %d commands; needing a second try: %d; PubAcks saying duplicate: %d. Commands whose completion came more than once (identical copies, sent again after a reconnect): %d.\n",
 		r.sent, r.retried, r.duplicates, r.copied)
 	var maxRSS, sumRSS uint64
 	for _, v := range r.rss {
