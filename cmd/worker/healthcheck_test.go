@@ -17,7 +17,7 @@ import (
 // exitCode as main calls them: its exit status and output.
 func runHealthcheck(t *testing.T, e env) (code int, stdout, stderr string) {
 	t.Helper()
-	var out, errb syncBuffer
+	var out, errb bustest.Buffer
 	err := run(context.Background(), []string{"-healthcheck"}, e.getenv, &out, &errb)
 	return exitCode(err, &errb), out.String(), errb.String()
 }

@@ -313,7 +313,7 @@ func waitCLISubscribed(t *testing.T, s *server.Server, n int) {
 
 // shell is bash running text in a process group of its own, so that
 // stopping it stops whatever it started.
-func shell(ctx context.Context, text string, env []string, out *syncBuffer) *exec.Cmd {
+func shell(ctx context.Context, text string, env []string, out *bustest.Buffer) *exec.Cmd {
 	cmd := exec.CommandContext(ctx, "bash", "-c", text)
 	cmd.Env = env
 	cmd.Stdout, cmd.Stderr = out, out
@@ -327,7 +327,7 @@ func shell(ctx context.Context, text string, env []string, out *syncBuffer) *exe
 func runExample(c readmeCommand, env []string) (string, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
 	defer cancel()
-	var out syncBuffer
+	var out bustest.Buffer
 	if err := shell(ctx, c.text, env, &out).Run(); err != nil {
 		if ctx.Err() != nil {
 			return out.String(), fmt.Errorf("still running after %s", waitTimeout)
@@ -341,7 +341,7 @@ func runExample(c readmeCommand, env []string) (string, error) {
 type runningExample struct {
 	readmeCommand
 	cmd    *exec.Cmd
-	out    syncBuffer
+	out    bustest.Buffer
 	exited chan struct{} // closed once it has ended, with err set
 	err    error
 }
