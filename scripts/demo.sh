@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# The whole job end to end on this machine: a demo domain, the worker on an
+# The whole job end to end on this machine: a demo domain booting the test
+# guest (scripts/demo-domain.xml) and a deaf copy of it, the worker on an
 # embedded NATS server, every action sent through `publish`, each completion
-# printed; then everything the demo made is removed. Needs root and a running
-# libvirtd (`make demo` runs scripts/libvirt-up.sh first).
+# printed; then everything the demo made is removed. Needs root, a running
+# libvirtd and the test guest (`make demo` runs scripts/libvirt-up.sh first,
+# which builds the guest).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VM=virtbus-demo
+DEAF=virtbus-demo-deaf
 HOST=demo
 IMAGES=/var/lib/libvirt/images/virtbus-demo
 VIRSH=(virsh -q -c qemu:///system)
@@ -20,16 +23,24 @@ cleanup() {
 	if [[ -n $WORKER_PID ]]; then
 		kill -TERM "$WORKER_PID" 2>/dev/null && wait "$WORKER_PID" 2>/dev/null
 	fi
-	if [[ -e $WORK/defined ]]; then
-		"${VIRSH[@]}" destroy "$VM" >/dev/null 2>&1
-		"${VIRSH[@]}" undefine "$VM" >/dev/null 2>&1
-	fi
+	for vm in "$VM" "$DEAF"; do
+		if [[ -e $WORK/defined-$vm ]]; then
+			"${VIRSH[@]}" destroy "$vm" >/dev/null 2>&1
+			"${VIRSH[@]}" undefine "$vm" >/dev/null 2>&1
+		fi
+	done
 	rm -rf "$IMAGES" "$WORK"
 }
 trap cleanup EXIT
 
-if "${VIRSH[@]}" dominfo "$VM" >/dev/null 2>&1; then
-	echo "demo: a domain named $VM already exists and the demo did not make it; remove it first" >&2
+for vm in "$VM" "$DEAF"; do
+	if "${VIRSH[@]}" dominfo "$vm" >/dev/null 2>&1; then
+		echo "demo: a domain named $vm already exists and the demo did not make it; remove it first" >&2
+		exit 1
+	fi
+done
+if [[ ! -e /var/lib/libvirt/images/virtbus-guest/vmlinuz ]]; then
+	echo "demo: no test guest image; scripts/libvirt-up.sh (or scripts/guest-image.sh) builds it" >&2
 	exit 1
 fi
 if (exec 3<>/dev/tcp/127.0.0.1/4222) 2>/dev/null; then
@@ -46,12 +57,18 @@ done
 say "build worker and publish"
 CGO_ENABLED=0 go build -o "$WORK/" ./cmd/worker ./cmd/publish
 
-say "define $VM and a 16 MiB disk image"
+say "define $VM, its deaf copy $DEAF, and two 16 MiB disk images"
 "${VIRSH[@]}" define scripts/demo-domain.xml >/dev/null
-touch "$WORK/defined"
+touch "$WORK/defined-$VM"
+# The deaf copy: its own name and console, and virtbus.deaf for the init.
+sed -e "s|<name>$VM</name>|<name>$DEAF</name>|" -e 's|quiet</cmdline>|quiet virtbus.deaf</cmdline>|' \
+	-e 's|console.log|console-deaf.log|' scripts/demo-domain.xml >"$WORK/deaf.xml"
+"${VIRSH[@]}" define "$WORK/deaf.xml" >/dev/null
+touch "$WORK/defined-$DEAF"
 install -d -m 0755 "$IMAGES"
-truncate -s 16M "$IMAGES/data.img"
-echo "domain $VM, image $IMAGES/data.img"
+truncate -s 16M "$IMAGES/data.img" "$IMAGES/virtio.img"
+echo "domains $VM and $DEAF, images $IMAGES/data.img and $IMAGES/virtio.img"
+echo "guest consoles: $IMAGES/console.log and $IMAGES/console-deaf.log"
 
 say "start the worker (embedded NATS on 127.0.0.1:4222, metrics on :9480, command API on 127.0.0.1:9481)"
 VIRTBUS_HOST=$HOST VIRTBUS_STATE_DIR="$WORK/state" VIRTBUS_CONCURRENCY=2 \
@@ -68,9 +85,32 @@ pub() {
 	"$WORK/publish" -host "$HOST" "$@" || echo "(exit $?)"
 }
 
+# console VM: the file VM's guest writes its console to.
+console() {
+	if [[ $1 == "$DEAF" ]]; then echo "$IMAGES/console-deaf.log"; else echo "$IMAGES/console.log"; fi
+}
+
+# guest_says VM TEXT N: waits until VM's guest has written a line starting
+# with TEXT N times in all, then shows that line.
+guest_says() {
+	local log
+	log=$(console "$1")
+	for _ in $(seq 1 1200); do
+		if (($(grep -c "^$2" "$log" 2>/dev/null) >= $3)); then
+			echo "($1's console: $(grep "^$2" "$log" | tail -n 1))"
+			return
+		fi
+		sleep 0.1
+	done
+	echo "demo: $1's guest did not write \"$2\" within 2 minutes; its console:" >&2
+	cat "$log" >&2
+	exit 1
+}
+
 say "every action through publish"
 pub start "$VM"
 pub start "$VM"
+guest_says "$VM" "virtbus-guest: ready" 1
 pub status "$VM"
 pub attach-disk "$VM" path="$IMAGES/data.img" bus=scsi
 pub attach-disk "$VM" path="$IMAGES/data.img" bus=scsi
@@ -79,9 +119,25 @@ pub pause "$VM"
 pub pause "$VM"
 pub resume "$VM"
 pub reboot "$VM" mode=hard
-pub reboot "$VM" timeout=3s
-pub stop "$VM" timeout=3s
+guest_says "$VM" "virtbus-guest: ready" 2
+
+say "the guest cooperates: it releases a virtio disk, and powers off on ACPI"
+pub attach-disk "$VM" path="$IMAGES/virtio.img"
+guest_says "$VM" "virtbus-guest: disk vda: add" 1
+pub detach-disk "$VM" target=vda
+guest_says "$VM" "virtbus-guest: disk vda: remove" 1
+pub reboot "$VM" timeout=60s
+guest_says "$VM" "virtbus-guest: power button" 1
+guest_says "$VM" "virtbus-guest: ready" 3
+pub stop "$VM" timeout=60s
+guest_says "$VM" "virtbus-guest: power button" 2
 pub stop "$VM"
+
+say "a deaf guest ignores ACPI: the reboot falls back to a reset, the stop is forced"
+pub start "$DEAF"
+guest_says "$DEAF" "virtbus-guest: ready" 1
+pub reboot "$DEAF" timeout=3s
+pub stop "$DEAF" timeout=3s
 
 say "the host's domains as the worker sees them in libvirt (VIRTBUS_VMS)"
 sleep 1 # a change reaches the bucket a moment after libvirt's event

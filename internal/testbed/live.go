@@ -126,7 +126,8 @@ func (c *Live) call(what string, fn func(l *libvirt.Libvirt) error) {
 // starts in about half a second and ignores ACPI shutdown and reboot. A
 // define or start cut off by libvirtd going away is tried again on the
 // next connection, and the domain is destroyed and undefined at the end of
-// the test whatever happened meanwhile.
+// the test whatever happened meanwhile. Guest is one with an OS that
+// answers ACPI.
 func (c *Live) Domain(purpose string, o DomainOptions) libvirt.Domain {
 	c.t.Helper()
 	return c.DomainNamed(Name(purpose), o)
@@ -137,7 +138,14 @@ func (c *Live) Domain(purpose string, o DomainOptions) libvirt.Domain {
 // name, say.
 func (c *Live) DomainNamed(name string, o DomainOptions) libvirt.Domain {
 	c.t.Helper()
-	def := domainDef(name)
+	return c.define(domainDef(name), o)
+}
+
+// define defines def (or creates it, transient) and starts it as o asks;
+// see Domain.
+func (c *Live) define(def libvirtxml.Domain, o DomainOptions) libvirt.Domain {
+	c.t.Helper()
+	name := def.Name
 	doc, err := def.Marshal()
 	if err != nil {
 		c.t.Fatalf("build domain XML: %v", err)
