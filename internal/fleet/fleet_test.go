@@ -81,9 +81,15 @@ func TestFleet(t *testing.T) {
 	}
 	cl := bustest.RunCluster(t, 3)
 	vms := fleetVMs(t, s)
-	// Node 0 is never restarted: what is collected there is complete.
-	evts := Collect(t, bustest.Connect(t, cl.URL(0)), fleetWait)
-	arrived := stampArrivals(t, bustest.Connect(t, cl.URL(0)))
+	// Collected on every node: those on a node never restarted are
+	// complete.
+	var evts []*bustest.Collector[Event]
+	var conns []*nats.Conn
+	for i := range cl.Len() {
+		evts = append(evts, Collect(t, bustest.Connect(t, cl.URL(i)), fleetWait))
+		conns = append(conns, bustest.Connect(t, cl.URL(i)))
+	}
+	arrived := stampArrivals(t, conns...)
 	workers := startWorkers(t, bin, cl, vms)
 	var producers []jetstream.JetStream
 	for i := range s.Producers {
@@ -95,9 +101,12 @@ func TestFleet(t *testing.T) {
 	p := Publish(t, vms, PublishOptions{Producers: producers, Phases: 1, Pace: s.Pace, GiveUp: fleetWait})
 	p.Release(0)
 	p.WaitHalf(t, 0)
-	r.restart = restartNode(t, cl, 1, s.Down)
+	// The worst node to lose: the one leading the command stream, so that
+	// publishing stops too until another is elected.
+	target := cl.StreamLeader(t, bus.StreamName)
+	r.node, r.restart = cl.Name(target), restartNode(t, cl, target, s.Down)
 	p.Wait(t)
-	got := WaitAll(t, evts, fleetWait, vms)
+	got := WaitAll(t, evts[(target+1)%cl.Len()], fleetWait, vms)
 	bustest.WaitStreamEmpty(t, producers[0], fleetWait, bus.StreamName, consumers(vms)...)
 
 	r.sent, r.retried, r.duplicates = p.Counts()
@@ -132,12 +141,13 @@ func fleetVMs(t *testing.T, s settings) []*VM {
 	return vms
 }
 
-// stampArrivals notes when each command's first completion reached nc.
-func stampArrivals(t *testing.T, nc *nats.Conn) func(id string) (time.Time, bool) {
+// stampArrivals notes when each command's first completion reached one
+// of conns.
+func stampArrivals(t *testing.T, conns ...*nats.Conn) func(id string) (time.Time, bool) {
 	t.Helper()
 	var mu sync.Mutex
 	first := map[string]time.Time{}
-	_, err := nc.Subscribe("virtbus.evt.>", func(m *nats.Msg) {
+	stamp := func(m *nats.Msg) {
 		at := time.Now()
 		var c struct {
 			ID string `json:"id"`
@@ -147,15 +157,17 @@ func stampArrivals(t *testing.T, nc *nats.Conn) func(id string) (time.Time, bool
 		}
 		mu.Lock()
 		defer mu.Unlock()
-		if _, ok := first[c.ID]; !ok {
+		if f, ok := first[c.ID]; !ok || at.Before(f) {
 			first[c.ID] = at
 		}
-	})
-	if err != nil {
-		t.Fatal(err)
 	}
-	if err := nc.Flush(); err != nil {
-		t.Fatal(err)
+	for _, nc := range conns {
+		if _, err := nc.Subscribe("virtbus.evt.>", stamp); err != nil {
+			t.Fatal(err)
+		}
+		if err := nc.Flush(); err != nil {
+			t.Fatal(err)
+		}
 	}
 	return func(id string) (time.Time, bool) {
 		mu.Lock()

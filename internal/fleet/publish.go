@@ -43,7 +43,7 @@ type Publisher struct {
 	mu                        sync.Mutex
 	sent, retried, duplicates int
 	sentOf                    []int                // by phase
-	firstTry                  map[string]time.Time // by command id: its first publish began
+	firstTry, acked           map[string]time.Time // by command id: its first publish began; its PubAck came
 }
 
 // Publish starts sending vms' commands, which must be as many for every
@@ -51,7 +51,7 @@ type Publisher struct {
 func Publish(t testing.TB, vms []*VM, o PublishOptions) *Publisher {
 	t.Helper()
 	p := &Publisher{o: o, perPhase: len(vms[0].Cmds) / o.Phases, done: make(chan struct{}), errs: make(chan error, len(vms)),
-		sentOf: make([]int, o.Phases), firstTry: map[string]time.Time{}}
+		sentOf: make([]int, o.Phases), firstTry: map[string]time.Time{}, acked: map[string]time.Time{}}
 	for range o.Phases {
 		p.gates = append(p.gates, make(chan struct{}))
 	}
@@ -135,11 +135,12 @@ func (p *Publisher) Counts() (sent, retried, duplicates int) {
 	return p.sent, p.retried, p.duplicates
 }
 
-// FirstTry is when the first publish of command id began.
-func (p *Publisher) FirstTry(id string) time.Time {
+// Times are when the first publish of command id began and when its
+// PubAck came.
+func (p *Publisher) Times(id string) (firstTry, acked time.Time) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	return p.firstTry[id]
+	return p.firstTry[id], p.acked[id]
 }
 
 func (p *Publisher) send(ctx context.Context, js jetstream.JetStream, host, name string, c Cmd) error {
@@ -157,6 +158,7 @@ func (p *Publisher) send(ctx context.Context, js jetstream.JetStream, host, name
 		if err == nil {
 			p.mu.Lock()
 			defer p.mu.Unlock()
+			p.acked[c.ID] = time.Now()
 			p.sent++
 			if try > 1 {
 				p.retried++
