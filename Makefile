@@ -73,8 +73,9 @@ cluster: libvirt-up
 # Fleet simulation (internal/fleet TestFleet, build tag fleet): 50 worker
 # processes, each a host with 3 test-driver domains only it sees, on a
 # three-node NATS cluster with 3 replicas; a mixed load from 10 producers,
-# one node restarted halfway. Prints throughput and p50/p99 per host and
-# overall; fails on a lost, duplicated, reordered or misrouted command.
+# the command stream leader's node restarted halfway. Prints throughput and
+# p50/p99 per host and overall; fails on a lost, duplicated, reordered or
+# misrouted command.
 # VIRTBUS_FLEET_HOSTS, _VMS, _COMMANDS, _PRODUCERS, _PACE, _DOWN resize it.
 .PHONY: fleet
 fleet: libvirt-up

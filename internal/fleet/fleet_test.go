@@ -68,10 +68,10 @@ func loadSettings(t *testing.T) settings {
 // that only it sees, on a three-node NATS cluster with the command stream
 // and the buckets replicated three times. Producers on every node send a
 // mix of start, forced stop, pause, resume and status; halfway through,
-// one node is restarted. It prints throughput and latency per host and
-// overall (VIRTBUS_FLEET_REPORT names a file that gets the table too) and
-// fails when a command is lost, completed twice differently, completed
-// out of order, run by another host or run twice.
+// the node leading the command stream is restarted. It prints throughput
+// and latency per host and overall (VIRTBUS_FLEET_REPORT names a file that
+// gets the table too) and fails when a command is lost, completed twice
+// differently, completed out of order, run by another host or run twice.
 func TestFleet(t *testing.T) {
 	s := loadSettings(t)
 	testbed.Require(t)
