@@ -284,17 +284,26 @@ func openNATS(cfg config, log *slog.Logger) (nc *nats.Conn, closeNATS func(), er
 }
 
 // keepConnected runs the libvirt connection's reconnect loop and the feed
-// of domain states until the returned function is called; that closes the
-// connection, stops the watcher with it, and then lets the publisher make
-// its last writes, while NATS is still there.
+// of domain states until the returned function is called; that stops the
+// watcher (after its last read of every domain), closes the connection,
+// and then lets the publisher make its last writes, while NATS is still
+// there.
 func keepConnected(conn *vm.Conn, states *stateFeed) (closeLibvirt func()) {
-	ctx, cancel := context.WithCancel(context.Background())
+	connCtx, closeConn := context.WithCancel(context.Background())
+	watchCtx, stopWatch := context.WithCancel(context.Background())
 	pubCtx, stopPub := context.WithCancel(context.Background())
-	var wg, pub sync.WaitGroup
-	pub.Go(func() { states.pub.Run(pubCtx) })
-	wg.Go(func() { states.watcher.Run(ctx) })
-	wg.Go(func() { conn.Run(ctx) })
-	return func() { cancel(); wg.Wait(); stopPub(); pub.Wait() }
+	var connDone, watchDone, pubDone sync.WaitGroup
+	pubDone.Go(func() { states.pub.Run(pubCtx) })
+	watchDone.Go(func() { states.watcher.Run(watchCtx) })
+	connDone.Go(func() { conn.Run(connCtx) })
+	return func() {
+		stopWatch()
+		watchDone.Wait()
+		closeConn()
+		connDone.Wait()
+		stopPub()
+		pubDone.Wait()
+	}
 }
 
 // stateFeed carries every change of the host's domains, from libvirt's

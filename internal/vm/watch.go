@@ -212,12 +212,21 @@ func (w *Watcher) watch(ctx context.Context, s *session) error {
 	if err := w.resync(s, true); err != nil {
 		return err
 	}
+	return w.follows(ctx, s, q, pumped)
+}
+
+// follows reads the domains that events name, and every domain every
+// resyncEvery, until s or its subscription ends, or ctx does: then it
+// reads every domain once more, so that what it leaves behind (the view,
+// and the bucket fed from it) is libvirt's state at a clean shutdown,
+// even where a read made half way through a change left it behind.
+func (w *Watcher) follows(ctx context.Context, s *session, q *pendingEvents, pumped <-chan struct{}) error {
 	again := time.NewTicker(w.resyncEvery)
 	defer again.Stop()
 	for {
 		select {
 		case <-ctx.Done():
-			return nil
+			return w.lastResync(s)
 		case <-s.l.Disconnected():
 			return errWatchEnded
 		case <-pumped:
@@ -232,7 +241,7 @@ func (w *Watcher) watch(ctx context.Context, s *session) error {
 			// so the domain is read once and named by the last event.
 			select {
 			case <-ctx.Done():
-				return nil
+				return w.lastResync(s)
 			case <-time.After(burstWait):
 			}
 			if err := w.follow(s, q.take()); err != nil {
@@ -240,6 +249,18 @@ func (w *Watcher) watch(ctx context.Context, s *session) error {
 			}
 		}
 	}
+}
+
+// lastResync is the read of every domain when the watcher stops; a
+// failure is logged, as nothing is left to retry it.
+func (w *Watcher) lastResync(s *session) error {
+	if !s.l.IsConnected() {
+		return nil
+	}
+	if err := w.resync(s, false); err != nil {
+		w.log.Warn("reading libvirt's domains at shutdown failed; the last states written may be behind", "err", err)
+	}
+	return nil
 }
 
 // resync reads every domain on s, makes that the view and reports what

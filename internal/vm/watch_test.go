@@ -44,14 +44,16 @@ func (c change) String() string {
 // for its first resync.
 func watch(t *testing.T, h harness) (*vm.Watcher, *recorder) {
 	t.Helper()
-	return watchWith(t, h, func(*vm.Watcher) {})
+	w, rec, _ := watchWith(t, h, func(*vm.Watcher) {})
+	return w, rec
 }
 
-// watchWith is watch with setup run on the watcher before it starts.
-func watchWith(t *testing.T, h harness, setup func(*vm.Watcher)) (*vm.Watcher, *recorder) {
+// watchWith is watch with setup run on the watcher before it starts, and
+// stop, which stops it before the test ends.
+func watchWith(t *testing.T, h harness, setup func(*vm.Watcher)) (w *vm.Watcher, rec *recorder, stop func()) {
 	t.Helper()
-	rec := &recorder{}
-	w := vm.NewWatcher(h.conn, testLog())
+	rec = &recorder{}
+	w = vm.NewWatcher(h.conn, testLog())
 	setup(w)
 	w.OnChange = func(d vm.DomainInfo, event string) {
 		rec.mu.Lock()
@@ -67,9 +69,10 @@ func watchWith(t *testing.T, h harness, setup func(*vm.Watcher)) (*vm.Watcher, *
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { w.Run(ctx); close(done) }()
-	t.Cleanup(func() { cancel(); <-done })
+	stop = sync.OnceFunc(func() { cancel(); <-done })
+	t.Cleanup(stop)
 	rec.waitResyncs(t, 1)
-	return w, rec
+	return w, rec, stop
 }
 
 func (r *recorder) waitResyncs(t *testing.T, n int) {
@@ -302,7 +305,7 @@ func TestWatcherResyncsPeriodically(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t)
 	dom := h.lv.Domain("resync", testbed.DomainOptions{})
-	w, rec := watchWith(t, h, func(w *vm.Watcher) { vm.ResyncEvery(w, 300*time.Millisecond) })
+	w, rec, _ := watchWith(t, h, func(w *vm.Watcher) { vm.ResyncEvery(w, 300*time.Millisecond) })
 	wantView(t, w, dom, "shutoff", "unknown")
 	rec.mu.Lock()
 	resyncs, changes := rec.resyncs, len(rec.of(dom.Name))
@@ -321,4 +324,26 @@ func TestWatcherResyncsPeriodically(t *testing.T) {
 	rec.next(t, dom.Name, "shutoff again, from a resync", is("shutoff", "unknown", vm.EventResync))
 	wantView(t, w, dom, "shutoff", "unknown")
 	rec.waitResyncs(t, resyncs+1)
+}
+
+// A watcher that stops reads every domain once more, so that what it
+// reported last is libvirt's state, even where a read made half way
+// through a change had left its view behind.
+func TestWatcherReadsEveryDomainAsItStops(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t)
+	dom := h.lv.Domain("laststop", testbed.DomainOptions{})
+	w, rec, stop := watchWith(t, h, func(*vm.Watcher) {})
+	wantView(t, w, dom, "shutoff", "unknown")
+	rec.mu.Lock()
+	before := len(rec.of(dom.Name))
+	rec.mu.Unlock()
+	vm.Misremember(w, dom.UUID, "paused")
+	stop()
+	rec.mu.Lock()
+	defer rec.mu.Unlock()
+	got := rec.of(dom.Name)[before:]
+	if len(got) != 1 || got[0].d.State != "shutoff" || got[0].event != vm.EventResync {
+		t.Errorf("changes of %s at the stop: %v, want one, shutoff, from the resync at the stop", dom.Name, got)
+	}
 }
