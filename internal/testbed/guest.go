@@ -46,6 +46,7 @@ type GuestOptions struct {
 type Guest struct {
 	libvirt.Domain
 	console string // the file its serial console writes to, across boots
+	lv      *Live
 }
 
 // GuestImage is the test guest's kernel and initramfs: VIRTBUS_GUEST_KERNEL
@@ -80,7 +81,7 @@ func GuestImage(t testing.TB) (kernel, initrd string) {
 func (c *Live) Guest(purpose string, o GuestOptions) Guest {
 	c.t.Helper()
 	kernel, initrd := GuestImage(c.t)
-	g := Guest{console: filepath.Join(Dir(c.t), "console.log")}
+	g := Guest{console: filepath.Join(Dir(c.t), "console.log"), lv: c}
 	def := guestDef(Name(purpose), kernel, initrd, g.console, o.Deaf)
 	g.Domain = c.define(def, DomainOptions{Running: o.Running})
 	if o.Running {
@@ -135,12 +136,24 @@ func (g Guest) Said(t testing.TB, prefix string) int {
 }
 
 // WaitSaid waits until the guest has written a line starting with prefix
-// n times in all.
+// n times in all. A guest found shut off on three looks a second apart
+// will not write it: that fails the test at once, not after bootWait.
 func (g Guest) WaitSaid(t testing.TB, prefix string, n int) {
 	t.Helper()
-	for deadline := time.Now().Add(bootWait); g.Said(t, prefix) < n; time.Sleep(50 * time.Millisecond) {
+	deadline, look, off := time.Now().Add(bootWait), time.Now().Add(time.Second), 0
+	for ; g.Said(t, prefix) < n; time.Sleep(50 * time.Millisecond) {
 		if time.Now().After(deadline) {
 			t.Fatalf("%s did not write %q %d times within %s; its console:\n%s", g.Name, prefix, n, bootWait, g.Console(t))
+		}
+		if time.Now().Before(look) {
+			continue
+		}
+		look = time.Now().Add(time.Second)
+		if off++; g.lv.State(g.Domain) != libvirt.DomainShutoff {
+			off = 0
+		}
+		if off == 3 {
+			t.Fatalf("%s is shut off and did not write %q %d times; its console:\n%s", g.Name, prefix, n, g.Console(t))
 		}
 	}
 }
