@@ -3,7 +3,6 @@ package chaos
 import (
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -34,7 +33,7 @@ type worker struct {
 	Kind    Kind
 	Host    string
 	Metrics string // VIRTBUS_METRICS_ADDR
-	env     []string
+	env     map[string]string
 	bin     string
 	logDir  string
 
@@ -47,53 +46,40 @@ type worker struct {
 
 // incarnation is one process of a worker.
 type incarnation struct {
-	N       int
-	Pid     int
-	Log     string
-	Started time.Time
-	done    chan struct{}
-	err     error // Wait's, once done is closed
-	killed  bool  // by the harness
+	*workerproc.Proc
+	N      int
+	killed bool // by the harness
 }
 
 func newWorker(k Kind, host, bin, logDir string, env map[string]string) *worker {
-	return &worker{Kind: k, Host: host, Metrics: env["VIRTBUS_METRICS_ADDR"], bin: bin, logDir: logDir, env: workerproc.Env(env)}
+	return &worker{Kind: k, Host: host, Metrics: env["VIRTBUS_METRICS_ADDR"], bin: bin, logDir: logDir, env: env}
 }
 
 // start runs a new incarnation.
 func (w *worker) start() (*incarnation, error) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	inc := &incarnation{N: len(w.all) + 1, done: make(chan struct{})}
-	inc.Log = filepath.Join(w.logDir, fmt.Sprintf("worker-%s-%02d.log", w.Kind, inc.N))
-	f, err := os.Create(inc.Log)
+	n := len(w.all) + 1
+	p, err := workerproc.Start(w.bin, filepath.Join(w.logDir, fmt.Sprintf("worker-%s-%02d.log", w.Kind, n)), w.env)
 	if err != nil {
-		return nil, err
-	}
-	cmd := exec.Command(w.bin)
-	cmd.Env, cmd.Stdout, cmd.Stderr = w.env, f, f
-	if err := cmd.Start(); err != nil {
-		_ = f.Close()
 		return nil, fmt.Errorf("start %s worker: %w", w.Kind, err)
 	}
-	inc.Pid, inc.Started = cmd.Process.Pid, time.Now()
+	inc := &incarnation{Proc: p, N: n}
 	w.cur = inc
 	w.all = append(w.all, inc)
-	go w.watch(inc, cmd, f)
+	go w.watch(inc)
 	return inc, nil
 }
 
 // watch waits for an incarnation to end. An end the harness did not cause
 // is a finding: it is noted and the worker is started again.
-func (w *worker) watch(inc *incarnation, cmd *exec.Cmd, f *os.File) {
-	inc.err = cmd.Wait()
-	_ = f.Close()
-	close(inc.done)
+func (w *worker) watch(inc *incarnation) {
+	err := inc.Err()
 	w.mu.Lock()
 	unexpected := !inc.killed && !w.closing
 	if unexpected {
 		w.exits = append(w.exits, fmt.Sprintf("%s worker pid %d exited by itself after %s: %v (log %s)",
-			w.Kind, inc.Pid, time.Since(inc.Started).Round(time.Millisecond), inc.err, inc.Log))
+			w.Kind, inc.Pid, time.Since(inc.Started).Round(time.Millisecond), err, inc.Log))
 	}
 	w.mu.Unlock()
 	if unexpected {
@@ -117,7 +103,7 @@ func (w *worker) kill() (old, next *incarnation, err error) {
 		return old, nil, fmt.Errorf("kill %s worker pid %d: %w", w.Kind, old.Pid, err)
 	}
 	select {
-	case <-old.done:
+	case <-old.Done():
 	case <-time.After(30 * time.Second):
 		return old, nil, fmt.Errorf("%s worker pid %d still there 30s after SIGKILL", w.Kind, old.Pid)
 	}
@@ -135,15 +121,7 @@ func (w *worker) stop(grace time.Duration) error {
 	if inc == nil {
 		return nil
 	}
-	_ = syscall.Kill(inc.Pid, syscall.SIGTERM)
-	select {
-	case <-inc.done:
-		return inc.err
-	case <-time.After(grace):
-		_ = syscall.Kill(inc.Pid, syscall.SIGKILL)
-		<-inc.done
-		return fmt.Errorf("%s worker pid %d did not exit within %s of SIGTERM", w.Kind, inc.Pid, grace)
-	}
+	return inc.Stop(grace)
 }
 
 // waitReady polls /readyz until it answers 200 or timeout passes, and

@@ -94,14 +94,13 @@ func (p *Proc) Kill() {
 	}
 }
 
-// Exited says whether the worker has ended, and how.
-func (p *Proc) Exited() (bool, error) {
-	select {
-	case <-p.done:
-		return true, p.err
-	default:
-		return false, nil
-	}
+// Done is closed once the worker has exited; Err is then how.
+func (p *Proc) Done() <-chan struct{} { return p.done }
+
+// Err is the worker's exit error (nil for status 0), once Done is closed.
+func (p *Proc) Err() error {
+	<-p.done
+	return p.err
 }
 
 // Warnings are the lines the worker logged at level WARN or ERROR (text
