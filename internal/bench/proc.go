@@ -107,20 +107,55 @@ func machineBusy() (time.Duration, error) {
 	return time.Duration(ticks) * clockTick, nil
 }
 
-// machineMeter measures the machine's CPU time over a row's measured part.
-type machineMeter struct{ start time.Duration }
+// libvirtdPID is the pid of the running libvirtd, 0 when none is found.
+func libvirtdPID() int {
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return 0
+	}
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if comm, err := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid)); err == nil && strings.TrimSpace(string(comm)) == "libvirtd" {
+			return pid
+		}
+	}
+	return 0
+}
+
+// machineMeter measures the machine's CPU time over a row's measured
+// part, and libvirtd's share of it.
+type machineMeter struct {
+	start    time.Duration
+	libvirtd int // pid; 0 when not found
+	lvStart  time.Duration
+}
 
 func startMachineMeter() machineMeter {
 	busy, _ := machineBusy()
-	return machineMeter{start: busy}
+	m := machineMeter{start: busy, libvirtd: libvirtdPID()}
+	if m.libvirtd != 0 {
+		if t, err := CPUTime(m.libvirtd); err == nil {
+			m.lvStart = t
+		} else {
+			m.libvirtd = 0
+		}
+	}
+	return m
 }
 
-// used is the machine's CPU time since the meter started; 0 when
-// /proc/stat cannot be read.
-func (m machineMeter) used() time.Duration {
-	busy, err := machineBusy()
-	if err != nil || m.start == 0 {
-		return 0
+// used is the machine's CPU time since the meter started, and libvirtd's;
+// 0 for what cannot be read (libvirtd restarted, or no /proc/stat).
+func (m machineMeter) used() (machine, libvirtd time.Duration) {
+	if busy, err := machineBusy(); err == nil && m.start != 0 {
+		machine = busy - m.start
 	}
-	return busy - m.start
+	if m.libvirtd != 0 {
+		if t, err := CPUTime(m.libvirtd); err == nil && t >= m.lvStart {
+			libvirtd = t - m.lvStart
+		}
+	}
+	return machine, libvirtd
 }

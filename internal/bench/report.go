@@ -38,7 +38,7 @@ func (b *Bench) Header(command string) string {
 // Report prints the table, one line per row, and the notes under it.
 func Report(w io.Writer, header string, rows []*Row, notes []string) {
 	fmt.Fprintf(w, "%s\n\n", header)
-	cols := []string{"what", "ops", "rate/s", "p50 ms", "p99 ms", "max ms", "vs baseline", "target", "worker CPU s/10k", "machine CPU s/10k (busy)", "peak RSS MiB"}
+	cols := []string{"what", "ops", "rate/s", "p50 ms", "p99 ms", "max ms", "vs baseline", "target", "worker CPU s/10k", "libvirtd CPU s/10k", "machine CPU s/10k (busy)", "peak RSS MiB"}
 	fmt.Fprintf(w, "| %s |\n", strings.Join(cols, " | "))
 	fmt.Fprintf(w, "|%s\n", strings.Repeat("---|", len(cols)))
 	for _, r := range rows {
@@ -64,10 +64,19 @@ func (r *Row) cells() []string {
 	c = append(c, r.vsBaseline(), r.targetCell())
 	worker, rss := "–", "–"
 	if r.Worker != nil {
-		worker = fmt.Sprintf("%.2f", r.Worker.cpu.Seconds()/float64(r.S.ops)*10_000)
+		worker = perTenK(r.Worker.cpu, r.S.ops)
 		rss = fmt.Sprintf("%.1f", float64(r.Worker.rss)/(1<<20))
 	}
-	return append(c, worker, r.machineCell(), rss)
+	return append(c, worker, perTenK(r.Libvirtd, r.S.ops), r.machineCell(), rss)
+}
+
+// perTenK is d per 10,000 of ops operations, in seconds; "–" when d is
+// unknown.
+func perTenK(d time.Duration, ops int) string {
+	if d <= 0 || ops <= 0 {
+		return "–"
+	}
+	return fmt.Sprintf("%.2f", d.Seconds()/float64(ops)*10_000)
 }
 
 // machineCell is the machine's CPU time per 10k operations, and how busy
