@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"runtime/debug"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -22,8 +23,13 @@ type answering struct {
 	put       jetstream.PubAckFuture
 	putErr    error
 	release   func() // lets the VM's next command start; nil: nothing waits
-	conn      uint64 // the connection's reconnect count when the completion went out
-	done      bool   // answered, or handed back
+	// after is how many completions had gone out when the record write
+	// was sent: the server that confirms the write got those first, when
+	// they went out on the same connection.
+	after uint64
+	conn  uint64 // the connection's reconnect count when the completion went out
+	sent  uint64 // its number among the completions sent (see answerer.sent)
+	done  bool   // answered, or handed back
 }
 
 // answerer records, publishes and acks completions in the order their
@@ -32,47 +38,91 @@ type answering struct {
 // this one is recorded (the queue holds the VM busy until then), so other
 // VMs' commands fill the time a record takes. Record writes are sent as
 // soon as an answer arrives and confirmed in order, so many are in flight
-// at once; a completion is published only after its record is confirmed
-// and is followed by its ack, and the server confirms a batch of them
-// before the next batch goes out (see confirmSent).
+// at once; a completion is published only after its record is confirmed,
+// and is followed by its ack.
+//
+// A VM's completions reach the bus in the order its commands ran, across
+// lost connections too: before a VM's completion goes out, the server
+// must be known to have the VM's earlier ones. Usually the record write of
+// the new one shows it, at no cost: it was sent after them on the same
+// connection, and the server confirmed it. Otherwise (a reconnect since, a
+// completion that had no record written after it) a flush confirms them,
+// after they are sent again when the connection they went out on is gone
+// (see confirmAll). A copy may then arrive twice.
 type answerer struct {
 	w    *Worker
 	room chan struct{}   // a token per answer on its way
 	in   chan *answering // from the runners, their records sent
 	done chan struct{}
+
+	// sent counts the completions sent, re-sent ones included: a record
+	// write sent when it read n follows the first n on the connection.
+	sent atomic.Uint64
+	// unconfirmed holds, per VM, the completions sent that the server
+	// has not been seen to have, in the order sent; count is their total.
+	// The answerer's alone.
+	unconfirmed map[string][]*answering
+	count       int
 }
+
+// maxUnconfirmed bounds the completions kept until the server is seen to
+// have them; past it, and every confirmEvery, a flush confirms them all.
+const (
+	maxUnconfirmed = 1024
+	confirmEvery   = time.Second
+)
 
 func newAnswerer(w *Worker) *answerer {
 	return &answerer{
-		w:    w,
-		room: make(chan struct{}, w.cfg.QueueSize),
-		in:   make(chan *answering, w.cfg.QueueSize),
-		done: make(chan struct{}),
+		w:           w,
+		room:        make(chan struct{}, w.cfg.QueueSize),
+		in:          make(chan *answering, w.cfg.QueueSize),
+		done:        make(chan struct{}),
+		unconfirmed: make(map[string][]*answering),
 	}
 }
 
 // run answers until close has been called and everything handed in was
-// answered or handed back, in batches of what has come meanwhile. ctx is
-// the worker's: once it ends, a write that fails is not tried again, and
-// its command is handed back instead.
+// answered or handed back, in batches of what has come meanwhile, and
+// then confirms the last completions. ctx is the worker's: once it ends, a
+// write that fails is not tried again, and its command is handed back
+// instead.
 func (a *answerer) run(ctx context.Context) {
 	defer close(a.done)
-	for an := range a.in {
-		batch := []*answering{an}
-	more:
-		for len(batch) < cap(a.in) {
-			select {
-			case next, ok := <-a.in:
-				if !ok {
-					break more
-				}
-				batch = append(batch, next)
-			default:
-				break more
+	tick := time.NewTicker(confirmEvery)
+	defer tick.Stop()
+	for {
+		select {
+		case an, ok := <-a.in:
+			if !ok {
+				a.confirmAll(ctx)
+				return
 			}
+			a.answerBatch(ctx, a.gather(an))
+			if a.count > maxUnconfirmed {
+				a.confirmAll(ctx)
+			}
+		case <-tick.C:
+			a.confirmAll(ctx)
 		}
-		a.answerBatch(ctx, batch)
 	}
+}
+
+// gather is first and whatever else has been handed in meanwhile.
+func (a *answerer) gather(first *answering) []*answering {
+	batch := []*answering{first}
+	for len(batch) < cap(a.in) {
+		select {
+		case next, ok := <-a.in:
+			if !ok {
+				return batch
+			}
+			batch = append(batch, next)
+		default:
+			return batch
+		}
+	}
+	return batch
 }
 
 // add hands an answer over, once its record write is sent: the runner
@@ -85,6 +135,7 @@ func (a *answerer) add(an *answering) {
 	a.room <- struct{}{}
 	an.c, an.data, an.putErr = a.w.encode(an.c)
 	if an.record && an.putErr == nil {
+		an.after = a.sent.Load()
 		an.put, an.putErr = a.w.records.Load().putAsync(an.c.ID, an.data)
 	}
 	a.in <- an
@@ -98,10 +149,8 @@ func (a *answerer) close() {
 
 // answerBatch answers a batch: each one's record confirmed (then the
 // VM's next command may run), its completion published and its message
-// acked, in order; then one confirmation that the server has them all
-// before the next batch publishes anything (see confirmSent). A panic past
-// publishing hands back what was not confirmed: its redelivery is
-// answered from the record.
+// acked, in order. A panic past publishing hands back what was not
+// answered: its redelivery is answered from the record.
 func (a *answerer) answerBatch(ctx context.Context, batch []*answering) {
 	w := a.w
 	defer func() {
@@ -119,18 +168,11 @@ func (a *answerer) answerBatch(ctx context.Context, batch []*answering) {
 			<-a.room
 		}
 	}()
-	var sent []*answering
 	for _, an := range batch {
 		if a.publishGuarded(ctx, an) {
-			sent = append(sent, an)
-		} else {
-			an.done = true
+			w.held.remove(an.j)
+			w.report(an.c, an.duplicate)
 		}
-	}
-	w.confirmSent(ctx, sent)
-	for _, an := range sent {
-		w.held.remove(an.j)
-		w.report(an.c, an.duplicate)
 		an.done = true
 	}
 }
@@ -165,13 +207,14 @@ func (a *answerer) publish(ctx context.Context, an *answering) bool {
 	default:
 		if an.release != nil {
 			// Recorded: the VM's next command may run. Its completion
-			// still comes after this one's (see answerBatch).
+			// still comes after this one's (see settle).
 			an.release()
 		}
-		an.conn = w.nc.Stats().Reconnects
-		err := w.send(ctx, an.c, an.data, an.j.cmd.Reply)
+		a.settle(ctx, an)
+		err := a.sendOne(ctx, an)
 		if err == nil {
-			w.ack(an)
+			a.unconfirmed[an.j.key] = append(a.unconfirmed[an.j.key], an)
+			a.count++
 			return true
 		}
 		w.log.Warn("completion not published at shutdown; handing back", "id", an.j.cmd.ID, "err", err)
@@ -180,48 +223,75 @@ func (a *answerer) publish(ctx context.Context, an *answering) bool {
 	return false
 }
 
-// ack acks an's command after its completion went out on the same
-// connection, so the server sees the completion first; confirmSent
-// confirms both.
-func (w *Worker) ack(an *answering) {
-	if err := an.j.msg().Ack(); err != nil && !errors.Is(err, jetstream.ErrMsgAlreadyAckd) {
-		w.log.Debug("ack failed", "id", an.j.cmd.ID, "err", err)
+// sendOne publishes an's completion and acks its message, on the same
+// connection, so the server sees the completion first.
+func (a *answerer) sendOne(ctx context.Context, an *answering) error {
+	conn := a.w.nc.Stats().Reconnects
+	if err := a.w.send(ctx, an.c, an.data, an.j.cmd.Reply); err != nil {
+		return err
 	}
+	an.conn = conn
+	if err := an.j.msg().Ack(); err != nil && !errors.Is(err, jetstream.ErrMsgAlreadyAckd) {
+		a.w.log.Debug("ack failed", "id", an.j.cmd.ID, "err", err)
+	}
+	an.sent = a.sent.Add(1)
+	return nil
 }
 
-// confirmSent waits until the server has every completion and ack sent:
-// a flush, whose answer comes after all of them. Until then no later
-// completion goes out. When the connection broke since one went out, it
-// may have gone with it: the completion and the ack are sent again on the
-// new connection first, so a VM's completions still reach the bus in the
-// order its commands ran (a copy may arrive twice). What never gets
-// through is answered from the record on redelivery.
-func (w *Worker) confirmSent(ctx context.Context, sent []*answering) {
-	if len(sent) == 0 {
+// settle makes sure the server has an's VM's earlier completions before
+// an's goes out. an's confirmed record write shows it when it was sent
+// after them, with no reconnect since; otherwise confirmAll does.
+func (a *answerer) settle(ctx context.Context, an *answering) {
+	earlier := a.unconfirmed[an.j.key]
+	if len(earlier) == 0 {
 		return
 	}
+	now := a.w.nc.Stats().Reconnects
+	for _, p := range earlier {
+		if !an.record || p.sent > an.after || p.conn != now {
+			a.confirmAll(ctx)
+			return
+		}
+	}
+	delete(a.unconfirmed, an.j.key)
+	a.count -= len(earlier)
+}
+
+// confirmAll waits until the server has every completion and ack sent and
+// not yet confirmed: a flush, whose answer comes after all of them. Those
+// that went out on a connection since lost may have gone with it: they
+// are sent again on the new one first, in order (a copy may arrive twice).
+// What never gets through is answered from the record on redelivery.
+func (a *answerer) confirmAll(ctx context.Context) {
+	if a.count == 0 {
+		return
+	}
+	w := a.w
 	var err error
 	for range ackTries {
 		if err = waitConnected(ctx, w.nc); err != nil {
 			break // shutdown while disconnected
 		}
-		for _, an := range sent {
-			if n := w.nc.Stats().Reconnects; n != an.conn {
-				an.conn = n
-				if w.send(ctx, an.c, an.data, an.j.cmd.Reply) == nil {
-					w.ack(an)
+		for _, sent := range a.unconfirmed {
+			for _, p := range sent {
+				if p.conn != w.nc.Stats().Reconnects {
+					_ = a.sendOne(ctx, p)
 				}
 			}
 		}
 		if err = w.nc.FlushTimeout(publishTimeout); err == nil {
-			return
+			break
 		}
-		w.log.Debug("completions not confirmed yet", "count", len(sent), "err", err)
+		w.log.Debug("completions not confirmed yet", "count", a.count, "err", err)
 		if sleep(ctx, 100*time.Millisecond); ctx.Err() != nil {
 			break
 		}
 	}
-	w.log.Warn("completions and acks not confirmed; a redelivery is answered from the record", "count", len(sent), "err", err)
+	if err != nil {
+		w.log.Warn("completions and acks not confirmed; a redelivery is answered from the record", "count", a.count, "err", err)
+	}
+	clear(a.unconfirmed)
+	a.count = 0
 }
 
 // confirmRecord waits for the server to confirm the record write sent

@@ -3,6 +3,7 @@ package bus
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"sync"
 	"testing"
 	"time"
@@ -108,4 +109,41 @@ func TestSameIDTwiceInOneBacklog(t *testing.T) {
 		t.Errorf("the id reused for a stop got %+v, want a conflict", other)
 	}
 	waitStreamEmpty(t, js)
+}
+
+// A VM's completion counts as arrived once the record write of the VM's
+// next command, sent after it on the same connection, is confirmed: no
+// flush then, and other VMs' completions stay unconfirmed. A record write
+// sent before it, or no record at all, proves nothing: a flush confirms
+// every completion sent.
+func TestNextRecordConfirmsTheVMsCompletion(t *testing.T) {
+	t.Parallel()
+	s := bustest.RunServer(t, RunEmbedded, t.TempDir(), -1)
+	w := &Worker{nc: connect(t, s.ClientURL()), log: slog.New(slog.DiscardHandler)}
+	conn := w.nc.Stats().Reconnects
+	for _, tc := range []struct {
+		name    string
+		next    *answering // vm-a's next answer, its record confirmed
+		flushed bool
+	}{
+		{"record sent after it", &answering{record: true, after: 1}, false},
+		{"record sent before it", &answering{record: true, after: 0}, true},
+		{"no record", &answering{}, true},
+	} {
+		a := newAnswerer(w)
+		a.unconfirmed["vm-a"] = []*answering{{j: &job{key: "vm-a"}, conn: conn, sent: 1}}
+		a.unconfirmed["vm-b"] = []*answering{{j: &job{key: "vm-b"}, conn: conn, sent: 2}}
+		a.count = 2
+		tc.next.j = &job{key: "vm-a"}
+		a.settle(t.Context(), tc.next)
+		if _, ok := a.unconfirmed["vm-a"]; ok {
+			t.Errorf("%s: vm-a's earlier completion still unconfirmed", tc.name)
+		}
+		if _, ok := a.unconfirmed["vm-b"]; ok == tc.flushed {
+			t.Errorf("%s: vm-b's completion unconfirmed: %v, want %v (flushed: %v)", tc.name, ok, !tc.flushed, tc.flushed)
+		}
+		if want := map[bool]int{false: 1, true: 0}[tc.flushed]; a.count != want {
+			t.Errorf("%s: %d completions unconfirmed, want %d", tc.name, a.count, want)
+		}
+	}
 }
