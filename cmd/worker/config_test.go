@@ -4,6 +4,7 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
 	"testing"
@@ -208,5 +209,19 @@ func TestConfigAPIListeners(t *testing.T) {
 	}
 	if got, err := readAPIToken(token); err != nil || string(got) != "s3cret" {
 		t.Errorf("token file \"s3cret\\r\\n\": token %q, %v; want s3cret", got, err)
+	}
+}
+
+// The worker takes one Go processor unless GOMAXPROCS says otherwise.
+func TestOneProcessorUnlessGOMAXPROCSIsSet(t *testing.T) {
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(0))
+	runtime.GOMAXPROCS(2)
+	oneProcessor(func(string) string { return "2" })
+	if n := runtime.GOMAXPROCS(0); n != 2 {
+		t.Errorf("with GOMAXPROCS=2 set: %d processors, want 2", n)
+	}
+	oneProcessor(func(string) string { return "" })
+	if n := runtime.GOMAXPROCS(0); n != 1 {
+		t.Errorf("with GOMAXPROCS unset: %d processors, want 1", n)
 	}
 }
