@@ -126,11 +126,18 @@ func libvirtdPID() int {
 }
 
 // machineMeter measures the machine's CPU time over a row's measured
-// part, and libvirtd's share of it.
+// part, and the shares of libvirtd and of this process (the harness: the
+// embedded NATS server and the load generator, or a baseline's client).
 type machineMeter struct {
 	start    time.Duration
 	libvirtd int // pid; 0 when not found
 	lvStart  time.Duration
+	self     time.Duration
+}
+
+// rowCPU is what a meter measured; a part that could not be read is 0.
+type rowCPU struct {
+	machine, libvirtd, harness time.Duration
 }
 
 func startMachineMeter() machineMeter {
@@ -143,19 +150,23 @@ func startMachineMeter() machineMeter {
 			m.libvirtd = 0
 		}
 	}
+	m.self, _ = CPUTime(os.Getpid())
 	return m
 }
 
-// used is the machine's CPU time since the meter started, and libvirtd's;
-// 0 for what cannot be read (libvirtd restarted, or no /proc/stat).
-func (m machineMeter) used() (machine, libvirtd time.Duration) {
+// used is the CPU time used since the meter started.
+func (m machineMeter) used() rowCPU {
+	var u rowCPU
 	if busy, err := machineBusy(); err == nil && m.start != 0 {
-		machine = busy - m.start
+		u.machine = busy - m.start
 	}
 	if m.libvirtd != 0 {
 		if t, err := CPUTime(m.libvirtd); err == nil && t >= m.lvStart {
-			libvirtd = t - m.lvStart
+			u.libvirtd = t - m.lvStart
 		}
 	}
-	return machine, libvirtd
+	if t, err := CPUTime(os.Getpid()); err == nil && m.self != 0 {
+		u.harness = t - m.self
+	}
+	return u
 }

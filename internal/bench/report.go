@@ -38,7 +38,7 @@ func (b *Bench) Header(command string) string {
 // Report prints the table, one line per row, and the notes under it.
 func Report(w io.Writer, header string, rows []*Row, notes []string) {
 	fmt.Fprintf(w, "%s\n\n", header)
-	cols := []string{"what", "ops", "rate/s", "p50 ms", "p99 ms", "max ms", "vs baseline", "target", "worker CPU s/10k", "libvirtd CPU s/10k", "machine CPU s/10k (busy)", "peak RSS MiB"}
+	cols := []string{"what", "ops", "rate/s", "p50 ms", "p99 ms", "max ms", "vs baseline", "target", "worker CPU s/10k", "libvirtd CPU s/10k", "harness CPU s/10k", "machine CPU s/10k (busy)", "peak RSS MiB"}
 	fmt.Fprintf(w, "| %s |\n", strings.Join(cols, " | "))
 	fmt.Fprintf(w, "|%s\n", strings.Repeat("---|", len(cols)))
 	for _, r := range rows {
@@ -67,7 +67,7 @@ func (r *Row) cells() []string {
 		worker = perTenK(r.Worker.cpu, r.S.ops)
 		rss = fmt.Sprintf("%.1f", float64(r.Worker.rss)/(1<<20))
 	}
-	return append(c, worker, perTenK(r.Libvirtd, r.S.ops), r.machineCell(), rss)
+	return append(c, worker, perTenK(r.CPU.libvirtd, r.S.ops), perTenK(r.CPU.harness, r.S.ops), r.machineCell(), rss)
 }
 
 // perTenK is d per 10,000 of ops operations, in seconds; "–" when d is
@@ -83,11 +83,11 @@ func perTenK(d time.Duration, ops int) string {
 // its CPUs were: near 100 % the row was bound by CPU, shared by libvirtd,
 // NATS, the load generator and the worker.
 func (r *Row) machineCell() string {
-	if r.Machine <= 0 || r.S.elapsed <= 0 {
+	if r.CPU.machine <= 0 || r.S.elapsed <= 0 {
 		return "–"
 	}
-	busy := r.Machine.Seconds() / (r.S.elapsed.Seconds() * float64(runtime.NumCPU())) * 100
-	return fmt.Sprintf("%.2f (%.0f %%)", r.Machine.Seconds()/float64(r.S.ops)*10_000, busy)
+	busy := r.CPU.machine.Seconds() / (r.S.elapsed.Seconds() * float64(runtime.NumCPU())) * 100
+	return fmt.Sprintf("%.2f (%.0f %%)", r.CPU.machine.Seconds()/float64(r.S.ops)*10_000, busy)
 }
 
 // vsBaseline compares the row with its baseline: the rate, and for a
@@ -155,6 +155,8 @@ func (b *Bench) Notes(rows []*Row) []string {
 			fmt.Sprintf("c1 backlog and c8 keep %d commands in flight over %d domains; ", b.S.InFlight, testDomains) +
 			"worker CPU is its utime+stime (/proc/<pid>/stat) over the row, peak RSS its VmHWM",
 		"backlog rows: rate from the worker's exec to its last completion (startup included), CPU and peak RSS of the whole process",
+		"CPU columns per 10,000 operations: the worker; libvirtd; the harness (this test process: the embedded NATS server and " +
+			"the load generator in virtbus rows, the go-libvirt client in baseline rows); the machine, all CPUs, with how busy they were",
 	}
 	commands := 0
 	for _, r := range rows {

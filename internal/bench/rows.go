@@ -19,13 +19,12 @@ type Row struct {
 	Base   *Row    // the baseline it stands beside; nil for baselines and backlog rows
 	Target *target // nil: none
 	Worker *usage  // nil for baselines
-	// Machine is the CPU time every process of the machine used during
-	// the measured part: a row whose machine was busy near all its CPUs
-	// was bound by them, not by waiting.
-	Machine time.Duration
-	// Libvirtd is the part of Machine libvirtd used: zero when unknown.
-	Libvirtd time.Duration
-	Note     string
+	// CPU is the CPU time used during the measured part: by every
+	// process of the machine (a row whose machine was busy near all its
+	// CPUs was bound by them, not by waiting), by libvirtd, and by the
+	// harness.
+	CPU  rowCPU
+	Note string
 	// From and To bound the row, set-up included, to tell which rows a
 	// libvirtd restart fell in.
 	From, To time.Time
@@ -86,8 +85,7 @@ func (b *Bench) baselineRow(what string, l *libvirt.Libvirt, names []string, ops
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", what, err)
 	}
-	machine, libvirtd := m.used()
-	return &Row{What: what, S: s, Machine: machine, Libvirtd: libvirtd}, nil
+	return &Row{What: what, S: s, CPU: m.used()}, nil
 }
 
 // liveRow runs cmds through a fresh worker that is ready before the clock
@@ -126,30 +124,30 @@ func (b *Bench) liveRow(what string, o workerOptions, cmds []command, window int
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w\n%s", what, err, w.Logs())
 	}
-	use, machine, libvirtd, err := b.endRow(what, w, col, m, profiled)
+	use, cpu, err := b.endRow(what, w, col, m, profiled)
 	if err != nil {
 		return nil, err
 	}
 	use.cpu -= cpu0
-	return &Row{What: what, S: col.sample(start), Worker: &use, Machine: machine, Libvirtd: libvirtd, Note: observed(w, col)}, nil
+	return &Row{What: what, S: col.sample(start), Worker: &use, CPU: cpu, Note: observed(w, col)}, nil
 }
 
 // endRow reads what the row's worker and machine used once its last
 // completion is in, waits for the worker's profile, and stops the worker
 // and checks the row (see finish).
-func (b *Bench) endRow(what string, w *worker, col *collector, m machineMeter, profiled func() error) (use usage, machine, libvirtd time.Duration, err error) {
-	machine, libvirtd = m.used()
+func (b *Bench) endRow(what string, w *worker, col *collector, m machineMeter, profiled func() error) (usage, rowCPU, error) {
+	used := m.used()
 	cpu, rss, err := w.usage()
 	if err != nil {
-		return usage{}, 0, 0, err
+		return usage{}, rowCPU{}, err
 	}
 	if err := profiled(); err != nil {
-		return usage{}, 0, 0, fmt.Errorf("%s: profile: %w", what, err)
+		return usage{}, rowCPU{}, fmt.Errorf("%s: profile: %w", what, err)
 	}
 	if err := b.finish(w, col); err != nil {
-		return usage{}, 0, 0, fmt.Errorf("%s: %w", what, err)
+		return usage{}, rowCPU{}, fmt.Errorf("%s: %w", what, err)
 	}
-	return usage{cpu: cpu, rss: rss}, machine, libvirtd, nil
+	return usage{cpu: cpu, rss: rss}, used, nil
 }
 
 // backlogRow publishes n commands over the test-driver domains while the
@@ -191,13 +189,13 @@ func (b *Bench) backlogRow(what string, n int) (*Row, error) {
 	if err := col.waitAll(); err != nil {
 		return nil, fmt.Errorf("%s: %w\n%s", what, err, w.Logs())
 	}
-	use, machine, libvirtd, err := b.endRow(what, w, col, m, profiled)
+	use, cpu, err := b.endRow(what, w, col, m, profiled)
 	if err != nil {
 		return nil, err
 	}
 	s := col.sample(w.Started)
 	s.lat = nil // from publish to completion is mostly the wait for the worker
-	return &Row{What: what, S: s, Worker: &use, Machine: machine, Libvirtd: libvirtd,
+	return &Row{What: what, S: s, Worker: &use, CPU: cpu,
 		Note: fmt.Sprintf("published in %s while no worker ran; %s", published.Round(10*time.Millisecond), observed(w, col))}, nil
 }
 
