@@ -8,6 +8,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/virtbus/virtbus/internal/testbed"
 )
 
 // clockTick is USER_HZ, the unit of utime and stime in /proc/<pid>/stat:
@@ -107,24 +109,6 @@ func machineBusy() (time.Duration, error) {
 	return time.Duration(ticks) * clockTick, nil
 }
 
-// libvirtdPID is the pid of the running libvirtd, 0 when none is found.
-func libvirtdPID() int {
-	ents, err := os.ReadDir("/proc")
-	if err != nil {
-		return 0
-	}
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		if comm, err := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid)); err == nil && strings.TrimSpace(string(comm)) == "libvirtd" {
-			return pid
-		}
-	}
-	return 0
-}
-
 // machineMeter measures the machine's CPU time over a row's measured
 // part, and the shares of libvirtd and of this process (the harness: the
 // embedded NATS server and the load generator, or a baseline's client).
@@ -142,12 +126,10 @@ type rowCPU struct {
 
 func startMachineMeter() machineMeter {
 	busy, _ := machineBusy()
-	m := machineMeter{start: busy, libvirtd: libvirtdPID()}
-	if m.libvirtd != 0 {
-		if t, err := CPUTime(m.libvirtd); err == nil {
-			m.lvStart = t
-		} else {
-			m.libvirtd = 0
+	m := machineMeter{start: busy}
+	if pid, err := testbed.LibvirtdPID(); err == nil {
+		if t, err := CPUTime(pid); err == nil {
+			m.libvirtd, m.lvStart = pid, t
 		}
 	}
 	m.self, _ = CPUTime(os.Getpid())

@@ -87,7 +87,7 @@ func (r *Row) machineCell() string {
 		return "–"
 	}
 	busy := r.CPU.machine.Seconds() / (r.S.elapsed.Seconds() * float64(runtime.NumCPU())) * 100
-	return fmt.Sprintf("%.2f (%.0f %%)", r.CPU.machine.Seconds()/float64(r.S.ops)*10_000, busy)
+	return fmt.Sprintf("%s (%.0f %%)", perTenK(r.CPU.machine, r.S.ops), busy)
 }
 
 // vsBaseline compares the row with its baseline: the rate, and for a

@@ -123,12 +123,12 @@ func (h *Harness) restartNATS(f *fault) {
 // QEMU domains keep running; the test driver forgets its domains.
 func (h *Harness) restartLibvirtd(f *fault) {
 	f.Affected = h.allHosts()
-	oldPid, _ := libvirtdPID()
+	oldPid, _ := testbed.LibvirtdPID()
 	testbed.StopLibvirtd(h.t)
 	stopped := time.Now()
 	testbed.StartLibvirtd(h.t)
 	f.Back = time.Now()
-	newPid, _ := libvirtdPID()
+	newPid, _ := testbed.LibvirtdPID()
 	f.What = fmt.Sprintf("pid %d stopped in %s; pid %d answering %s later", oldPid,
 		stopped.Sub(f.At).Round(time.Millisecond), newPid, f.Back.Sub(stopped).Round(time.Millisecond))
 }
@@ -140,7 +140,7 @@ func (h *Harness) restartLibvirtd(f *fault) {
 func (h *Harness) freezeLibvirtd(f *fault) {
 	f.Affected = h.allHosts()
 	hold := 2 * h.S.LibvirtTimeout
-	pid, _ := libvirtdPID()
+	pid, _ := testbed.LibvirtdPID()
 	testbed.FreezeLibvirtd(h.t, hold+30*time.Second)
 	time.Sleep(hold)
 	testbed.ThawLibvirtd(h.t)

@@ -2,6 +2,7 @@ package testbed
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -136,24 +137,33 @@ func thaw(t testing.TB, pid int) {
 
 // libvirtdRunning reports whether the pid in libvirtd's pid file runs.
 func libvirtdRunning() bool {
-	b, err := os.ReadFile("/run/libvirtd.pid")
-	if err != nil {
-		return false
-	}
-	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	pid, err := LibvirtdPID()
 	return err == nil && alive(pid)
 }
 
-// libvirtdPid is the running libvirtd's pid, from its pid file.
-func libvirtdPid(t testing.TB) int {
-	t.Helper()
-	b, err := os.ReadFile("/run/libvirtd.pid")
+// libvirtdPIDFile is where the test bed's libvirtd (scripts/libvirt-up.sh,
+// StartLibvirtd) writes its pid.
+const libvirtdPIDFile = "/run/libvirtd.pid"
+
+// LibvirtdPID is the running libvirtd's pid, from its pid file.
+func LibvirtdPID() (int, error) {
+	b, err := os.ReadFile(libvirtdPIDFile)
 	if err != nil {
-		t.Fatalf("read libvirtd pid: %v", err)
+		return 0, fmt.Errorf("read libvirtd pid: %w", err)
 	}
 	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
 	if err != nil {
-		t.Fatalf("parse libvirtd pid %q: %v", b, err)
+		return 0, fmt.Errorf("parse libvirtd pid %q: %w", b, err)
+	}
+	return pid, nil
+}
+
+// libvirtdPid is LibvirtdPID, failing t when there is none.
+func libvirtdPid(t testing.TB) int {
+	t.Helper()
+	pid, err := LibvirtdPID()
+	if err != nil {
+		t.Fatal(err)
 	}
 	return pid
 }
