@@ -134,6 +134,9 @@ func (a *answerer) gather(first *answering) []*answering {
 func (a *answerer) add(an *answering) {
 	a.room <- struct{}{}
 	an.c, an.data, an.putErr = a.w.encode(an.c)
+	if an.record {
+		a.w.known.add(an.c.ID)
+	}
 	if an.record && an.putErr == nil {
 		an.after = a.sent.Load()
 		an.put, an.putErr = a.w.records.Load().putAsync(an.c.ID, an.data)

@@ -96,10 +96,11 @@ func (w *Worker) accept(msg jetstream.Msg) {
 		w.log.Info("redelivery of a command still in progress; one completion answers both", "id", j.cmd.ID, "attempt", j.cmd.Attempt)
 		return
 	}
-	// The record is looked up now, while the command waits its turn. Not
-	// when another held command has the same id: that one's record may be
-	// written after a look now, so this one looks when it runs.
-	if recs := w.records.Load(); recs != nil && !shared {
+	// The record is looked up now, while the command waits its turn, when
+	// there may be one. Not when another held command has the same id:
+	// that one's record may be written after a look now, so this one
+	// looks when it runs.
+	if recs := w.records.Load(); recs != nil && !shared && w.known.mayHave(j.cmd.ID) {
 		j.lookup = recs.lookAhead(j.cmd.ID)
 	}
 	if err := w.q.Push(j.key, j); err != nil {

@@ -42,14 +42,16 @@ func (w *Worker) processJS(ctx context.Context, j *job) {
 	}
 }
 
-// recorded is the completion recorded for j's command id, or nil: the
-// lookup started when it was fetched, or one now when that failed or was
-// not started.
+// recorded is the completion recorded for j's command id, or nil: none
+// when the id has no record to look up, else the lookup started when it
+// was fetched, or one now when that failed or was not started.
 func (w *Worker) recorded(ctx context.Context, j *job) (*Completion, error) {
 	if l := j.lookup; l != nil {
 		if <-l.done; l.err == nil {
 			return l.rec, nil
 		}
+	} else if !w.known.mayHave(j.cmd.ID) {
+		return nil, nil
 	}
 	// NATS calls use a context shutdown does not cancel: a command taken
 	// off the queue is seen through. ctx only ends the waiting for NATS.

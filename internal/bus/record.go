@@ -23,6 +23,7 @@ type records struct {
 	kv   jetstream.KeyValue
 	js   jetstream.JetStream // for writes sent ahead (putAsync); nil for readers
 	host string
+	ttl  time.Duration // the bucket's, as the server has it; 0 if unknown or none
 }
 
 func openRecords(ctx context.Context, js jetstream.JetStream, log *slog.Logger, host string, ttl time.Duration, replicas int) (*records, error) {

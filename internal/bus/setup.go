@@ -51,6 +51,7 @@ func (w *Worker) keepSetUp(ctx context.Context, js jetstream.JetStream, kept fun
 					return
 				}
 				kept(l)
+				w.loadKnown(ctx, js)
 			}
 			w.takeOver(ctx, js, cons, takeover)
 			takeover = false
@@ -132,12 +133,11 @@ func (w *Worker) setup(ctx context.Context, js jetstream.JetStream) (jetstream.C
 	if err != nil {
 		return nil, err
 	}
-	w.records.Store(recs)
-	var recordTTL time.Duration
 	if st, err := recs.kv.Status(ctx); err == nil {
-		recordTTL = st.TTL()
+		recs.ttl = st.TTL()
 	}
-	w.checkSettings(stream.CachedInfo().Config, cons.CachedInfo().Config, recordTTL)
+	w.records.Store(recs)
+	w.checkSettings(stream.CachedInfo().Config, cons.CachedInfo().Config, recs.ttl)
 	w.ackWait.Store(int64(cons.CachedInfo().Config.AckWait))
 	return cons, nil
 }
@@ -239,9 +239,11 @@ func (w *Worker) verify(ctx context.Context, cons jetstream.Consumer) error {
 	if _, err := cons.Info(ctx); err != nil {
 		return fmt.Errorf("consumer %s: %w", ConsumerName(w.cfg.Host), err)
 	}
-	if _, err := w.records.Load().kv.Status(ctx); err != nil {
+	st, err := w.records.Load().kv.Status(ctx)
+	if err != nil {
 		return fmt.Errorf("kv bucket %s: %w", RecordBucket, err)
 	}
+	w.known.keepFor(st.TTL())
 	return nil
 }
 
@@ -345,3 +347,13 @@ const redeliveryGrace = time.Second
 // resetTimeout bounds the consumer reset: a server that does not know
 // the request, or a user without leave to send it, gets no answer.
 const resetTimeout = 5 * time.Second
+
+// loadKnown reads which command ids have a record, once the lease is held:
+// from then on only this worker writes them. A failure costs a lookup per
+// command, as before the set existed.
+func (w *Worker) loadKnown(ctx context.Context, js jetstream.JetStream) {
+	recs := w.records.Load()
+	if err := w.known.load(ctx, js, w.cfg.Host, recs.ttl); err != nil {
+		w.log.Warn("record keys not listed; looking up every command's record", "err", err)
+	}
+}

@@ -179,6 +179,9 @@ type Worker struct {
 	// runs again after reconnects, and read by the running commands.
 	held    heldSet
 	records atomic.Pointer[records]
+	// known says which command ids may have a record, so that a new one
+	// runs without a lookup; loaded once the lease is taken.
+	known   *knownIDs
 	answers *answerer // set by runJetStream before any command runs
 	late    []*job    // fetched after shutdown began; only the fetch loop touches it
 	// ackWait is the consumer's, as the server has it (an operator may
@@ -228,6 +231,7 @@ func New(nc *nats.Conn, cfg Config, h Handler, log *slog.Logger, reg prometheus.
 		log:     log.With("delivery", cfg.Delivery),
 		q:       queue.New[*job](cfg.QueueSize, cfg.Concurrency, parkLimit),
 		held:    newHeldSet(),
+		known:   newKnownIDs(log),
 		warned:  map[string]bool{},
 		lost:    make(chan struct{}, 1),
 
