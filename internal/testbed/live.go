@@ -138,7 +138,12 @@ func (c *Live) Domain(purpose string, o DomainOptions) libvirt.Domain {
 // name, say.
 func (c *Live) DomainNamed(name string, o DomainOptions) libvirt.Domain {
 	c.t.Helper()
-	return c.define(domainDef(name), o)
+	def := domainDef(name)
+	if o.Unbootable {
+		def.QEMUCommandline = &libvirtxml.DomainQEMUCommandline{
+			Args: []libvirtxml.DomainQEMUCommandlineArg{{Value: "-no-such-option-virtbus-test"}}}
+	}
+	return c.define(def, o)
 }
 
 // define defines def (or creates it, transient) and starts it as o asks;

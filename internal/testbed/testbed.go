@@ -60,6 +60,9 @@ func Name(purpose string) string {
 type DomainOptions struct {
 	Running   bool // start it after defining it
 	Transient bool // create it without a persistent definition
+	// Unbootable passes QEMU an option it refuses, so that QEMU exits at
+	// every start while libvirtd connects to its monitor.
+	Unbootable bool
 }
 
 // DiskImage creates a sparse raw image of size MiB in a directory of its own

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/digitalocean/go-libvirt"
@@ -27,6 +28,9 @@ type move struct {
 	call   func(l *libvirt.Libvirt, dom libvirt.Domain) error
 	want   libvirt.DomainState
 	detail map[string]any // the result's, once want is reached
+	// starts says call starts QEMU: tried once more when QEMU died while
+	// libvirtd started it (see diedStarting).
+	starts bool
 }
 
 // A plan decides the move of an action on the domain vm in state st: a
@@ -104,11 +108,56 @@ func (e *Executor) carry(ctx context.Context, vm string, dom libvirt.Domain, m m
 func (e *Executor) send(ctx context.Context, vm string, dom libvirt.Domain, m move) (*Awaiting, error) {
 	a := e.await(dom)
 	err := e.conn.call(ctx, m.verb+" "+vm, func(l *libvirt.Libvirt) error { return m.call(l, dom) })
+	if err != nil && m.starts && diedStarting(err) {
+		a.Close()
+		e.log.Info("QEMU died while libvirtd started it; starting once more", "vm", vm, "err", err, "after", startAgainAfter)
+		if err = pause(ctx, startAgainAfter); err == nil {
+			a = e.await(dom)
+			err = e.conn.call(ctx, m.verb+" "+vm, func(l *libvirt.Libvirt) error { return m.call(l, dom) })
+		}
+	}
 	if err != nil {
 		a.Close()
 		return nil, err
 	}
 	return a, nil
+}
+
+// startAgainAfter is the pause before a start that diedStarting allows
+// once more.
+const startAgainAfter = 500 * time.Millisecond
+
+// diedStarting reports whether a start failed because QEMU died while
+// libvirtd was starting it. libvirt 9.0 (Debian 12) handles the monitor
+// EOF of a QEMU it has just destroyed only after the destroy returned; a
+// start in that moment gets a new QEMU that the late EOF handler then
+// kills as crashed ("domain is no longer running", libvirtd's QEMU log
+// says "reason=crashed"). A second start finds the domain shut off and
+// works. A QEMU that cannot start at all (a missing disk) fails the second
+// time too, with its own message, half a second later.
+func diedStarting(err error) bool {
+	if !errors.Is(err, ErrLibvirt) {
+		return false
+	}
+	msg := err.Error()
+	for _, said := range []string{"domain is no longer running", "process exited while connecting to monitor", "qemu unexpectedly closed the monitor"} {
+		if strings.Contains(msg, said) {
+			return true
+		}
+	}
+	return false
+}
+
+// pause waits d, or returns ctx's error as ErrUnavailable.
+func pause(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return fmt.Errorf("%w: %v", ErrUnavailable, context.Cause(ctx))
+	case <-t.C:
+		return nil
+	}
 }
 
 // confirm waits for m's request to take effect and reports the state

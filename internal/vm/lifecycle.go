@@ -31,7 +31,7 @@ func planStart(vm string, st libvirt.DomainState) (move, error) {
 }
 
 func startMove(detail map[string]any) move {
-	return move{verb: "start", call: (*libvirt.Libvirt).DomainCreate, want: libvirt.DomainRunning, detail: detail}
+	return move{verb: "start", call: (*libvirt.Libvirt).DomainCreate, want: libvirt.DomainRunning, detail: detail, starts: true}
 }
 
 // stop shuts the domain off: gracefully with ACPI, asked again every

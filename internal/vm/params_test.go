@@ -194,3 +194,27 @@ func TestClip(t *testing.T) {
 }
 
 func deref(b *bool) bool { return b != nil && *b }
+
+// TestDiedStarting: a start is tried once more only when QEMU died while
+// libvirtd started it, as the call's error comes back through Conn.call.
+func TestDiedStarting(t *testing.T) {
+	for _, c := range []struct {
+		err  libvirt.Error
+		want bool
+	}{
+		{libvirt.Error{Code: uint32(libvirt.ErrOperationFailed), Message: "operation failed: domain is no longer running"}, true},
+		{libvirt.Error{Code: uint32(libvirt.ErrInternalError), Message: "internal error: process exited while connecting to monitor: qemu: could not load PC BIOS"}, true},
+		{libvirt.Error{Code: uint32(libvirt.ErrInternalError), Message: "internal error: qemu unexpectedly closed the monitor: Failed to get \"write\" lock"}, true},
+		{libvirt.Error{Code: uint32(libvirt.ErrOperationInvalid), Message: "requested operation is not valid: domain is already running"}, false},
+		{libvirt.Error{Code: uint32(libvirt.ErrNoDomain), Message: "Domain not found"}, false},
+		{libvirt.Error{Code: uint32(libvirt.ErrInternalError), Message: "internal error: unable to execute QEMU command"}, false},
+	} {
+		err := fmt.Errorf("start web-1: %w", classify(c.err))
+		if got := diedStarting(err); got != c.want {
+			t.Errorf("diedStarting(%v) = %v, want %v", err, got, c.want)
+		}
+	}
+	if diedStarting(fmt.Errorf("%w: process exited while connecting to monitor", ErrUnavailable)) {
+		t.Error("an unreachable libvirtd counts as a QEMU that died starting")
+	}
+}
