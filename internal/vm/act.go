@@ -114,7 +114,7 @@ type sent struct {
 // so that the event the request causes cannot pass unheard. confirm ends
 // the registration; a request that failed leaves none. When the event of
 // m.want comes before libvirtd answers (QEMU: libvirtd saves the domain's
-// status after the change, and answers 0.3 to 4 ms after its event), the
+// status after the change, and answers 0.1 to 4 ms after its event), the
 // change is confirmed then: the answer still comes, and the domain's next
 // request waits for it (see tail). A request waits for the domain's last
 // one's answer itself.
