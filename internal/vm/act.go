@@ -33,6 +33,11 @@ type move struct {
 	starts bool
 }
 
+// reached is the result of m once its domain is in m.want.
+func (m move) reached() Result {
+	return Result{Changed: true, State: StateName(m.want), Detail: m.detail}
+}
+
 // A plan decides the move of an action on the domain vm in state st: a
 // move, none (a nil call: the domain is as wanted already) or a refusal.
 type plan func(vm string, st libvirt.DomainState) (move, error)
@@ -99,7 +104,7 @@ func (e *Executor) carry(ctx context.Context, vm string, dom libvirt.Domain, m m
 	if !there {
 		return Result{}, err
 	}
-	return Result{Changed: true, State: StateName(m.want), Detail: m.detail}, nil
+	return m.reached(), nil
 }
 
 // sent is a request libvirtd took: its registration for the domain's
@@ -117,9 +122,25 @@ type sent struct {
 // status after the change, and answers 0.1 to 4 ms after its event), the
 // change is confirmed then: the answer still comes, and the domain's next
 // request waits for it (see tail). A request waits for the domain's last
-// one's answer itself.
+// one's answer itself. A start whose QEMU died on the way is sent once
+// more (see diedStarting).
 func (e *Executor) send(ctx context.Context, vm string, dom libvirt.Domain, m move) (*sent, error) {
 	e.tails.wait(dom.UUID)
+	for again := false; ; again = true {
+		s, err := e.request(ctx, vm, dom, m)
+		if err == nil || again || !m.starts || !diedStarting(err) {
+			return s, err
+		}
+		e.log.Info("QEMU died while libvirtd started it; starting once more", "vm", vm, "err", err, "after", startAgainAfter)
+		if err := pause(ctx, startAgainAfter); err != nil {
+			return nil, err
+		}
+	}
+}
+
+// request is one try of send: the registration, the request, and the wait
+// for its answer or its event.
+func (e *Executor) request(ctx context.Context, vm string, dom libvirt.Domain, m move) (*sent, error) {
 	a := e.await(dom)
 	answer := make(chan error, 1)
 	go func() {
@@ -133,14 +154,6 @@ func (e *Executor) send(ctx context.Context, vm string, dom libvirt.Domain, m mo
 			}
 		})
 		return &sent{a: a, heard: true}, nil
-	}
-	if err != nil && m.starts && diedStarting(err) {
-		a.Close()
-		e.log.Info("QEMU died while libvirtd started it; starting once more", "vm", vm, "err", err, "after", startAgainAfter)
-		if err = pause(ctx, startAgainAfter); err == nil {
-			a = e.await(dom)
-			err = e.conn.call(ctx, m.verb+" "+vm, func(l *libvirt.Libvirt) error { return m.call(l, dom) })
-		}
 	}
 	if err != nil {
 		a.Close()
@@ -212,7 +225,7 @@ func (e *Executor) confirm(ctx context.Context, s *sent, vm string, dom libvirt.
 	a := s.a
 	defer a.Close()
 	if s.heard {
-		return Result{Changed: true, State: StateName(m.want), Detail: m.detail}, nil
+		return m.reached(), nil
 	}
 	there, err := e.awaitState(ctx, a, dom, m.want, confirmWait, true)
 	if err != nil {
@@ -222,7 +235,7 @@ func (e *Executor) confirm(ctx context.Context, s *sent, vm string, dom libvirt.
 		st, _ := e.state(ctx, dom)
 		return Result{}, fmt.Errorf("%s %s: %w: domain is %s, not %s", m.verb, vm, ErrLibvirt, StateName(st), StateName(m.want))
 	}
-	return Result{Changed: true, State: StateName(m.want), Detail: m.detail}, nil
+	return m.reached(), nil
 }
 
 // await registers for dom's lifecycle events with the view; nil without
