@@ -56,9 +56,9 @@ func (e *Executor) act(ctx context.Context, vm string, p plan) (libvirt.Domain, 
 	dom, st, known := e.fromView(vm)
 	if known {
 		if m, perr := p(vm, st); perr == nil && m.call != nil {
-			a, err := e.send(ctx, vm, dom, m)
+			s, err := e.send(ctx, vm, dom, m)
 			if err == nil {
-				res, err := e.confirm(ctx, a, vm, dom, m)
+				res, err := e.confirm(ctx, s, vm, dom, m)
 				return dom, res, err
 			}
 			if !errors.Is(err, ErrConflict) && !errors.Is(err, ErrNotFound) {
@@ -89,9 +89,9 @@ func (e *Executor) act(ctx context.Context, vm string, p plan) (libvirt.Domain, 
 // "already running"): the state as it is now decides, with nothing to
 // wait for.
 func (e *Executor) carry(ctx context.Context, vm string, dom libvirt.Domain, m move) (Result, error) {
-	a, err := e.send(ctx, vm, dom, m)
+	s, err := e.send(ctx, vm, dom, m)
 	if err == nil {
-		return e.confirm(ctx, a, vm, dom, m)
+		return e.confirm(ctx, s, vm, dom, m)
 	}
 	gone := errors.Is(err, ErrNotFound) && m.want == libvirt.DomainShutoff
 	if !errors.Is(err, ErrConflict) && !gone {
@@ -107,24 +107,76 @@ func (e *Executor) carry(ctx context.Context, vm string, dom libvirt.Domain, m m
 	return m.reached(), nil
 }
 
+// sent is a request libvirtd took: its registration for the domain's
+// events, and whether the event of the wanted state came before libvirtd's
+// answer.
+type sent struct {
+	a     *Awaiting
+	heard bool
+}
+
 // send registers for dom's events and sends m's request: in this order,
 // so that the event the request causes cannot pass unheard. confirm ends
-// the registration; a request that failed leaves none. A start whose QEMU
-// died on the way is sent once more (see diedStarting).
-func (e *Executor) send(ctx context.Context, vm string, dom libvirt.Domain, m move) (*Awaiting, error) {
+// the registration; a request that failed leaves none. When the event of
+// m.want comes before libvirtd answers (QEMU: libvirtd saves the domain's
+// status after the change, and answers 0.1 to 4 ms after its event), the
+// change is confirmed then: the answer still comes, and the domain's next
+// request waits for it (see tail). A request waits for the domain's last
+// one's answer itself. A start whose QEMU died on the way is sent once
+// more (see diedStarting).
+func (e *Executor) send(ctx context.Context, vm string, dom libvirt.Domain, m move) (*sent, error) {
+	e.tails.wait(dom.UUID)
 	for again := false; ; again = true {
-		a := e.await(dom)
-		err := e.conn.call(ctx, m.verb+" "+vm, func(l *libvirt.Libvirt) error { return m.call(l, dom) })
-		if err == nil {
-			return a, nil
-		}
-		a.Close()
-		if again || !m.starts || !diedStarting(err) {
-			return nil, err
+		s, err := e.request(ctx, vm, dom, m)
+		if err == nil || again || !m.starts || !diedStarting(err) {
+			return s, err
 		}
 		e.log.Info("QEMU died while libvirtd started it; starting once more", "vm", vm, "err", err, "after", startAgainAfter)
 		if err := pause(ctx, startAgainAfter); err != nil {
 			return nil, err
+		}
+	}
+}
+
+// request is one try of send: the registration, the request, and the wait
+// for its answer or its event.
+func (e *Executor) request(ctx context.Context, vm string, dom libvirt.Domain, m move) (*sent, error) {
+	a := e.await(dom)
+	answer := make(chan error, 1)
+	go func() {
+		answer <- e.conn.call(ctx, m.verb+" "+vm, func(l *libvirt.Libvirt) error { return m.call(l, dom) })
+	}()
+	heard, err := answerOrEvent(a, answer, m.want)
+	if heard {
+		e.tails.keep(dom.UUID, func() {
+			if err := <-answer; err != nil {
+				e.log.Warn("libvirt answered a request with an error after its event confirmed the change", "vm", vm, "request", m.verb, "err", err)
+			}
+		})
+		return &sent{a: a, heard: true}, nil
+	}
+	if err != nil {
+		a.Close()
+		return nil, err
+	}
+	return &sent{a: a}, nil
+}
+
+// answerOrEvent waits for libvirtd's answer to a request, or for an event
+// of a saying the domain is in want, whichever comes first (heard: the
+// event).
+func answerOrEvent(a *Awaiting, answer <-chan error, want libvirt.DomainState) (heard bool, err error) {
+	lost := a.ended()
+	for {
+		select {
+		case err := <-answer:
+			return false, err
+		case st := <-a.events():
+			if st == StateName(want) {
+				return true, nil
+			}
+		case <-lost:
+			return false, <-answer
 		}
 	}
 }
@@ -169,8 +221,12 @@ func pause(ctx context.Context, d time.Duration) error {
 // confirm waits for m's request to take effect and reports the state
 // libvirt confirmed, by its event or when asked, never the request's
 // return code.
-func (e *Executor) confirm(ctx context.Context, a *Awaiting, vm string, dom libvirt.Domain, m move) (Result, error) {
+func (e *Executor) confirm(ctx context.Context, s *sent, vm string, dom libvirt.Domain, m move) (Result, error) {
+	a := s.a
 	defer a.Close()
+	if s.heard {
+		return m.reached(), nil
+	}
 	there, err := e.awaitState(ctx, a, dom, m.want, confirmWait, true)
 	if err != nil {
 		return Result{}, err

@@ -32,6 +32,40 @@ func TestStartTriesOnceMoreWhenQEMUDies(t *testing.T) {
 	}
 }
 
+// On QEMU, libvirtd sends a change's lifecycle event before it answers
+// the request (it saves the domain's status in between): the action is
+// done at the event, and the domain's next request waits for the answer.
+// Each pause and resume ends in the state asked for, and some end while
+// libvirtd's answer is still on its way.
+func TestActionDoneAtItsEventBeforeTheAnswer(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t)
+	view := runWatcher(t, h)
+	dom := h.lv.Domain("early", testbed.DomainOptions{Running: true})
+	waitInView(t, view, dom)
+	early := 0
+	for i := range 20 {
+		action, want := vm.Pause, libvirt.DomainPaused
+		if i%2 == 1 {
+			action, want = vm.Resume, libvirt.DomainRunning
+		}
+		res, err := h.do(t, dom.Name, action, ``)
+		if err != nil || !res.Changed {
+			t.Fatalf("%s %d: %+v %v", action, i, res, err)
+		}
+		if vm.Unanswered(h.ex, dom.UUID) {
+			early++
+		}
+		if st := h.lv.State(dom); st != want {
+			t.Fatalf("%s %d: domain is %v, want %v", action, i, st, want)
+		}
+	}
+	if early == 0 {
+		t.Error("no action ended before libvirtd's answer: each waited for it")
+	}
+	t.Logf("%d of 20 actions ended at their event, before libvirtd answered", early)
+}
+
 // qemuStarts counts the QEMU processes libvirtd started for the domain
 // name: one header in its QEMU log each.
 func qemuStarts(t *testing.T, name string) int {

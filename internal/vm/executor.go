@@ -66,6 +66,7 @@ type Executor struct {
 	log  *slog.Logger
 
 	attaching chan struct{} // held by the attach past its sharing check
+	tails     tails         // requests confirmed before libvirtd answered them
 	// intentFree holds the domains known to carry no reboot intent, by
 	// UUID, with the View's Definition they were known for (see
 	// clearIntent).

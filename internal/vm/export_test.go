@@ -44,3 +44,11 @@ func Misremember(w *Watcher, u libvirt.UUID, state string) {
 	d.State = state
 	w.view[u] = d
 }
+
+// Unanswered reports whether a request on the domain u was confirmed by
+// its event and libvirtd has not answered it yet.
+func Unanswered(e *Executor, u libvirt.UUID) bool {
+	e.tails.mu.Lock()
+	defer e.tails.mu.Unlock()
+	return e.tails.m[u] != nil
+}
