@@ -22,6 +22,7 @@ type evidence struct {
 	fromRecord map[string]bool           // final came from VIRTBUS_DONE: never seen on the event subject
 	outOfOrder map[string]string         // id -> the later-published id that arrived before it
 	resets     []testdriver.Reset
+	crashes    map[string][]time.Time // per QEMU VM, when libvirtd stopped it as crashed
 	driverErrs []string
 	last       time.Time // the last first copy arrived
 }
@@ -52,6 +53,7 @@ func (h *Harness) gather(o *Outcome) *evidence {
 	}
 	h.fillFromRecords(e)
 	e.resets, e.driverErrs = h.td.History()
+	e.crashes = h.crashes(o.Start)
 	return e
 }
 

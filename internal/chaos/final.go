@@ -15,9 +15,8 @@ import (
 // off after stop, and for QEMU VMs the image attached or not. Only ok
 // completions change the replayed model. When the last command that
 // touched a part ended in error, what it did is unknown: that VM is
-// listed as indeterminate, not as a mismatch. A test-driver VM replays
-// the driver's resets too: a libvirtd restart wipes it, and the holder
-// defines its domains again, shut off.
+// listed as indeterminate, not as a mismatch. The replay takes in what
+// stopped a VM behind its commands' back too (see stops).
 func checkFinalState(h *Harness, e *evidence, t *tally) []string {
 	var out []string
 	for _, v := range h.VMs {
@@ -70,10 +69,7 @@ func (e *evidence) late(v *VM) int {
 func (e *evidence) expect(v *VM) (model, map[touch]string) {
 	var m model
 	unsure := map[touch]string{}
-	resets := e.resets
-	if v.Kind != KindTest {
-		resets = nil
-	}
+	stops, what := e.stops(v)
 	for _, s := range e.o.Plans[v.Name] {
 		a := actionNamed(s.Action)
 		if a.touches == touchNothing {
@@ -84,12 +80,12 @@ func (e *evidence) expect(v *VM) (model, map[touch]string) {
 			unsure[a.touches] = s.ID + " has no completion"
 			continue
 		}
-		for len(resets) > 0 && resets[0].Lost.Before(c.StartedAt) {
-			m.running, unsure[touchPower], resets = false, "", resets[1:]
+		for len(stops) > 0 && stops[0].Before(c.StartedAt) {
+			m.running, unsure[touchPower], stops = false, "", stops[1:]
 		}
 		switch {
-		case len(resets) > 0 && resets[0].Lost.Before(c.FinishedAt):
-			unsure[a.touches] = fmt.Sprintf("%s ran while the test driver was reset", s.ID)
+		case len(stops) > 0 && stops[0].Before(c.FinishedAt):
+			unsure[a.touches] = fmt.Sprintf("%s ran while %s", s.ID, what)
 		case c.Error != nil:
 			unsure[a.touches] = fmt.Sprintf("%s (%s) ended in %s", s.ID, s.Action, c.Error.Code)
 		default:
@@ -97,10 +93,25 @@ func (e *evidence) expect(v *VM) (model, map[touch]string) {
 			unsure[a.touches] = ""
 		}
 	}
-	if len(resets) > 0 {
+	if len(stops) > 0 {
 		m.running, unsure[touchPower] = false, ""
 	}
 	return m, unsure
+}
+
+// stops are the times v was stopped behind its commands' back, in order,
+// and what stopped it: for a test-driver VM each reset of the driver (a
+// libvirtd restart wipes it, and the holder defines its domains again,
+// shut off), for a QEMU VM each time libvirtd stopped it as crashed.
+func (e *evidence) stops(v *VM) ([]time.Time, string) {
+	if v.Kind == KindQEMU {
+		return e.crashes[v.Name], "libvirtd stopped it as crashed"
+	}
+	var at []time.Time
+	for _, r := range e.resets {
+		at = append(at, r.Lost)
+	}
+	return at, "the test driver was reset"
 }
 
 // actual is libvirt's view of v: running or not, the image attached or not.

@@ -3,6 +3,7 @@ package chaos
 import (
 	"fmt"
 	"io"
+	"maps"
 	"slices"
 	"strings"
 	"text/tabwriter"
@@ -64,6 +65,12 @@ func (h *Harness) printFaults(b io.Writer, o *Outcome, e *evidence) {
 	for _, r := range h.resetsUnplanned() {
 		fmt.Fprintf(tw, "-\tunplanned reset\t+%s\t\tlibvirtd restarted by someone else: the test-driver holder lost its connection; %d domains defined again\t\n",
 			r.Lost.Sub(o.Start).Round(100*time.Millisecond), r.Missing)
+	}
+	for _, vm := range slices.Sorted(maps.Keys(e.crashes)) {
+		for _, at := range e.crashes[vm] {
+			fmt.Fprintf(tw, "-\tqemu crashed\t+%s\t\tlibvirtd stopped %s as crashed (reason=crashed in its QEMU log), which no command does\t\n",
+				at.Sub(o.Start).Round(100*time.Millisecond), vm)
+		}
 	}
 	_ = tw.Flush()
 }
