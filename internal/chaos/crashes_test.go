@@ -50,7 +50,7 @@ func crashRun(crashAt time.Time) (*evidence, Step) {
 		final: map[string]bus.Completion{
 			start.ID: {ID: start.ID, Status: bus.StatusOK, StartedAt: at("07:00:06.000"), FinishedAt: at("07:00:06.900")},
 			attach.ID: {ID: attach.ID, Status: bus.StatusError, StartedAt: at("07:00:06.901"), FinishedAt: at("07:00:08.500"),
-				Error: &bus.Error{Code: "conflict", Message: "Requested operation is not valid: domain is not running"}},
+				Error: &bus.Error{Code: bus.CodeConflict, Message: "Requested operation is not valid: domain is not running"}},
 		},
 		crashes: map[string][]time.Time{},
 	}
