@@ -24,8 +24,16 @@ func TestLibvirtdFrozen(t *testing.T) {
 	calls := newHarnessWith(t, timeout, testbed.ImageRoot())
 	closing := newHarnessWith(t, timeout, testbed.ImageRoot())
 	dom := calls.lv.Domain("frozen", testbed.DomainOptions{Running: true})
-	calls.ok(t, dom, vm.Status, ``, false, "running")
-	closing.ok(t, dom, vm.Status, ``, false, "running")
+	status := func(h harness) func() (vm.Result, error) {
+		return func() (vm.Result, error) { return h.do(t, dom.Name, vm.Status, ``) }
+	}
+	// Both connections up and answering before the freeze; an earlier
+	// test's domain going away may hold libvirtd past the short timeout.
+	for _, h := range []harness{calls, closing} {
+		if res := untilAnswered(t, "status before the freeze", status(h)); res.State != "running" {
+			t.Fatalf("status before the freeze: state %q, want running", res.State)
+		}
+	}
 
 	testbed.FreezeLibvirtd(t, 30*time.Second)
 	// Both at once, while both connections still look alive: the call runs
@@ -52,20 +60,27 @@ func TestLibvirtdFrozen(t *testing.T) {
 	testbed.ThawLibvirtd(t)
 
 	// The worker retries an unavailable command; here the test does.
-	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(200 * time.Millisecond) {
-		res, err := calls.do(t, dom.Name, vm.Status, ``)
-		if err == nil {
-			if res.State != "running" {
-				t.Fatalf("status after the thaw: state %q, want running", res.State)
-			}
-			break
-		}
-		if !errors.Is(err, vm.ErrUnavailable) || time.Now().After(deadline) {
-			t.Fatalf("status after the thaw: %v", err)
-		}
+	if res := untilAnswered(t, "status after the thaw", status(calls)); res.State != "running" {
+		t.Fatalf("status after the thaw: state %q, want running", res.State)
 	}
 	if !calls.conn.Up() {
 		t.Errorf("Up() = false after a call succeeded")
+	}
+}
+
+// untilAnswered runs fn until it ends in anything but unavailable, for up
+// to 30 s, as the worker retries an unavailable command, and fails the
+// test unless it succeeded.
+func untilAnswered(t *testing.T, what string, fn func() (vm.Result, error)) vm.Result {
+	t.Helper()
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(200 * time.Millisecond) {
+		res, err := fn()
+		if err == nil {
+			return res
+		}
+		if !errors.Is(err, vm.ErrUnavailable) || time.Now().After(deadline) {
+			t.Fatalf("%s: %v", what, err)
+		}
 	}
 }
 
