@@ -194,10 +194,13 @@ const startAgainAfter = 500 * time.Millisecond
 // works. A QEMU that cannot start at all (a missing disk) fails the second
 // time too, with its own message, half a second later.
 func diedStarting(err error) bool {
-	if !errors.Is(err, ErrLibvirt) {
-		return false
-	}
-	msg := err.Error()
+	return errors.Is(err, ErrLibvirt) && SaysDiedStarting(err.Error())
+}
+
+// SaysDiedStarting reports whether msg, libvirt's error for a failed
+// start, carries one of its words for a QEMU that died while libvirtd
+// started it. The chaos harness reads completions' messages with it.
+func SaysDiedStarting(msg string) bool {
 	for _, said := range []string{"domain is no longer running", "process exited while connecting to monitor", "qemu unexpectedly closed the monitor"} {
 		if strings.Contains(msg, said) {
 			return true
